@@ -1,0 +1,303 @@
+"""Supervised training on Ray Train (DDP: gloo on CPU, nccl on GPU).
+
+Layout in the store, under ``<store.root>/<run>/``::
+
+    config.yaml              the resolved config (written once, before training)
+    train/ckpt_<step>/       Ray Train checkpoints: checkpoint.pt (model, optimiser, step, config)
+    metrics.json             final val mIoU, per-class IoU and per-epoch history
+    metrics.md               the per-class IoU table
+
+Rerunning the same run name resumes from the latest checkpoint (Ray Train's run
+snapshot); a worker lost mid-run is replaced and restored from the last
+checkpoint (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from segrl.config import ComputeConfig, ConfigError, ExperimentConfig, config_from_dict, to_dict
+from segrl.storage import ArtifactStore, open_store
+from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+# Changing these on a rerun does not invalidate the checkpoints being resumed.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.eval_every_epochs")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_uri: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+
+
+def run_store(cfg: ExperimentConfig) -> ArtifactStore:
+    """The store rooted at this run's folder."""
+    store = open_store(cfg.store.root, cfg.store.endpoint_url or None, cfg.store.region or None)
+    return store.child(cfg.run_name)
+
+
+def ensure_ray(compute: ComputeConfig) -> None:
+    """Connect to the configured cluster, or start a local one, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+
+
+def resolve_use_gpu(compute: ComputeConfig) -> bool:
+    import ray
+
+    if compute.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return compute.use_gpu == "true"
+
+
+def record_config(store: ArtifactStore, cfg: ExperimentConfig) -> None:
+    """Save the resolved config, or check that a rerun is compatible with the saved one."""
+    resolved = to_dict(cfg)
+    if not store.exists(CONFIG_FILE):
+        store.write_yaml(CONFIG_FILE, resolved)
+        return
+    saved = store.read_yaml(CONFIG_FILE)
+    changed = [k for k in _diff_keys(saved, resolved) if not k.startswith("compute.")]
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        key = blocking[0]
+        raise ConfigError(
+            f"run '{cfg.run_name}' at {store.uri()} was started with a different config: "
+            f"'{key}' was {_lookup(saved, key)!r}, now {_lookup(resolved, key)!r}. "
+            "Use a new run name (run=...) or the saved values."
+        )
+    if changed:
+        store.write_yaml(CONFIG_FILE, resolved)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def train(cfg: ExperimentConfig) -> TrainSummary:
+    """Train ``cfg``'s model on Ray Train and write checkpoints and metrics to the store."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    preflight(cfg)
+    store = run_store(cfg)
+    record_config(store, cfg)
+    ensure_ray(cfg.compute)
+    use_gpu = resolve_use_gpu(cfg.compute)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.compute.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.compute.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_DIR,
+            storage_path=store.fs_path(),
+            storage_filesystem=store.filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of run '{cfg.run_name}' ended without a checkpoint")
+    checkpoint_uri = store.uri(f"{TRAIN_DIR}/{os.path.basename(result.checkpoint.path)}")
+    metrics = final_metrics(result.checkpoint)
+    store.write_json(METRICS_FILE, metrics)
+    if "table" in metrics:
+        store.write_text("metrics.md", metrics["table"] + "\n")
+    return TrainSummary(run_uri=store.uri(), checkpoint_uri=checkpoint_uri, metrics=metrics)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail on the driver, before anything is written, on what is cheap to check.
+
+    Index both splits (missing root, images without labels), decode their first
+    sample (unreadable files, label ids out of range), and build the model with its
+    weights (a file of another architecture). Problems found later in the run
+    (a corrupt frame deep in the set) fail the run with the same named errors.
+    """
+    from segrl.data.build import build_dataset
+    from segrl.models import build_model
+
+    endpoint = cfg.store.endpoint_url or None
+    classes: tuple[str, ...] = ()
+    for split, augment in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
+        dataset = build_dataset(cfg.data, split, train=augment, endpoint_url=cfg.store.endpoint_url)
+        if len(dataset) == 0:
+            raise ConfigError(f"data split '{split}' of {cfg.data.dataset} at {cfg.data.root!r} is empty")
+        dataset[0]
+        classes = tuple(dataset.classes)
+    build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
+
+
+def final_metrics(checkpoint: Any) -> dict[str, Any]:
+    """The metrics saved inside the last checkpoint (history included)."""
+    from segrl.training import load_training_state
+
+    with checkpoint.as_directory() as directory:
+        state = load_training_state(directory)
+    return dict(state["metrics"], step=state["step"], epoch=state["epoch"])
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop: one DDP rank of supervised training."""
+    import ray.train
+    import ray.train.torch
+
+    from segrl.data.build import build_dataset
+    from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
+    from segrl.models import build_model
+    from segrl.training import (
+        ShardSampler,
+        StepContext,
+        amp_settings,
+        build_optimizer,
+        build_scheduler,
+        evaluate_confusion,
+        load_training_state,
+        make_loader,
+        supervised_step,
+        unwrap,
+    )
+
+    cfg = config_from_dict(loop_config["config"])
+    tcfg = cfg.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.compute.threads_per_worker or max(1, math.ceil(cfg.compute.cpus_per_worker)))
+    torch.manual_seed(tcfg.seed + rank)
+    endpoint = cfg.store.endpoint_url
+
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, endpoint_url=endpoint)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, endpoint_url=endpoint)
+    classes = tuple(train_set.classes)
+    ignore = train_set.ignore_index
+    train_sampler = ShardSampler(len(train_set), rank, world, seed=tcfg.seed)
+    # Padding would count duplicated val images twice; unequal shards are fine for eval.
+    val_sampler = ShardSampler(len(val_set), rank, world, shuffle=False, pad=False)
+    steps_per_epoch = len(train_sampler) // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
+            f"{len(train_sampler)} training images each of {world} workers gets"
+        )
+    total_steps = steps_per_epoch * tcfg.epochs
+
+    model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, total_steps, tcfg)
+    amp_dtype, scaler = amp_settings(device, tcfg.amp)
+    ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler)
+
+    step, history, start_step = 0, [], 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            state = load_training_state(directory)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = start_step = state["step"]
+        history = list(state["metrics"].get("history", []))
+        if rank == 0:
+            print(f"[segrl] run '{cfg.run_name}': resumed from step {step}", flush=True)
+
+    def checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
+        metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                from segrl.training import save_training_state
+
+                save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
+                                    dict(metrics, history=history, classes=list(classes)))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+
+    model.train()
+    for epoch in range(step // steps_per_epoch, tcfg.epochs):
+        offset = step - epoch * steps_per_epoch
+        train_sampler.set_epoch(epoch, start=offset * tcfg.batch_size)
+        loader = make_loader(train_set, tcfg.batch_size, train_sampler, cfg.data.loader_workers, drop_last=True)
+        loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
+        for batch in loader:
+            loss_sum += supervised_step(ctx, batch)
+            loss_count += 1
+            images += batch["image"].shape[0]
+            step += 1
+            if rank == 0 and step % tcfg.log_every_steps == 0:
+                print(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}", flush=True)
+            end_of_epoch = step == (epoch + 1) * steps_per_epoch
+            if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0 and not end_of_epoch:
+                checkpoint_and_report(epoch, {"loss": loss_sum / loss_count})
+        elapsed = time.perf_counter() - started
+        summary: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(loss_count, 1),
+            "images_per_s": images * world / max(elapsed, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        last_epoch = epoch + 1 == tcfg.epochs
+        if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
+            val_loader = make_loader(val_set, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
+            conf = evaluate_confusion(model, val_loader, len(classes), device, ignore, distributed=world > 1)
+            ious = iou_per_class(conf)
+            summary.update(
+                val_miou=mean_iou(conf),
+                val_pixel_acc=pixel_accuracy(conf),
+                val_iou_per_class={c: _finite(v) for c, v in zip(classes, ious.tolist(), strict=True)},
+            )
+            if last_epoch:
+                from segrl.metrics import format_iou_table
+
+                summary["table"] = format_iou_table(conf, list(classes))
+        history.append({k: v for k, v in summary.items() if k != "table"})
+        if rank == 0:
+            print(_epoch_line(summary, tcfg.epochs, step), flush=True)
+        checkpoint_and_report(epoch + 1, summary)
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _epoch_line(summary: dict[str, Any], epochs: int, step: int) -> str:
+    line = (
+        f"[segrl] epoch {summary['epoch']}/{epochs} step {step} loss {summary['loss']:.4f} "
+        f"{summary['images_per_s']:.1f} img/s lr {summary['lr']:.2e}"
+    )
+    if "val_miou" in summary:
+        line += f" val mIoU {100 * summary['val_miou']:.2f}% pixel acc {100 * summary['val_pixel_acc']:.2f}%"
+    return line

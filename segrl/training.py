@@ -1,0 +1,229 @@
+"""Training building blocks with no Ray in them: sampler, optimiser, schedule, step, eval.
+
+``segrl.engine.train`` runs these inside Ray Train workers; tests and the
+throughput benchmark run them in a plain process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from segrl.config import TrainConfig
+from segrl.losses import cross_entropy
+from segrl.metrics import all_reduce_confusion, confusion_matrix
+
+# Run layout: <run>/train/ckpt_<step>/checkpoint.pt
+TRAIN_DIR = "train"
+CHECKPOINT_PREFIX = "ckpt_"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class ShardSampler(Sampler[int]):
+    """Deterministic per-epoch shuffle, split across ranks, able to start mid-epoch.
+
+    Rank ``r`` of ``world`` takes every ``world``-th index of the epoch's permutation,
+    padded so every rank gets the same count (DDP needs equal step counts). Starting
+    at ``start`` batches in lets a restored run continue exactly where its checkpoint
+    left off without decoding the skipped images.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad: bool = True,
+    ) -> None:
+        self.size, self.rank, self.world = size, rank, world
+        self.seed, self.shuffle, self.pad = seed, shuffle, pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        order = np.arange(self.size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        if self.pad:
+            per_rank = math.ceil(self.size / self.world)
+            order = np.resize(order, per_rank * self.world)
+        return order[self.rank :: self.world].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on norms and biases (they only rescale)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
+
+    poly: linear warm-up then (1 - t)^power (DeepLab); onecycle: cosine up for the first
+    30% then cosine down to 1e-4 of the peak; constant: 1 after warm-up.
+    """
+    total_steps = max(total_steps, 1)
+    if cfg.schedule == "onecycle":
+        peak = max(int(0.3 * total_steps), 1)
+        if step < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * step / peak)) / 2
+        t = min((step - peak) / max(total_steps - peak, 1), 1.0)
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    return max(1.0 - step / total_steps, 0.0) ** cfg.poly_power
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+    )
+
+
+@dataclass
+class StepContext:
+    """What one training step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    ignore_index: int = 255
+    amp_dtype: torch.dtype | None = None  # None = full precision
+    scaler: torch.amp.GradScaler | None = None
+
+
+def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, Any]:
+    """bfloat16 where the GPU has it (no loss scaling needed), else float16 with a scaler."""
+    if not enabled or device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def supervised_step(ctx: StepContext, batch: dict[str, Any]) -> float:
+    """One optimiser step of pixel cross-entropy on a labeled batch; returns the loss."""
+    images = batch["image"].to(ctx.device, non_blocking=True)
+    masks = batch["mask"].to(ctx.device, non_blocking=True)
+    with torch.autocast(
+        device_type=ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
+        enabled=ctx.amp_dtype is not None,
+    ):
+        logits = ctx.model(images)
+    loss = cross_entropy(logits, masks, ignore_index=ctx.ignore_index)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate_confusion(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    ignore_index: int = 255,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """Confusion matrix (rows = truth) of ``model`` over ``loader``, summed over workers."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for batch in loader:
+        logits = model(batch["image"].to(device, non_blocking=True))
+        pred = logits.argmax(1)
+        conf += confusion_matrix(pred, batch["mask"].to(device), num_classes, ignore_index)
+    model.train(was_training)
+    if distributed:
+        conf = all_reduce_confusion(conf)
+    return conf.cpu()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_training_state(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    epoch: int,
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write model, optimiser, schedule, position and config into ``directory``."""
+    path = Path(directory) / CHECKPOINT_FILE
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "config": config,
+        "metrics": metrics or {},
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_training_state(directory: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_training_state`` (tensors and plain data only)."""
+    path = Path(directory) / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )

@@ -1,0 +1,121 @@
+"""Config parsing: YAML + dotted overrides, and errors that name the field and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from segrl.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    replace,
+    to_dict,
+)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip_through_dict():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_yaml_and_overrides_are_applied_with_types(tmp_path):
+    path = write(tmp_path, "name: exp1\ntrain:\n  lr: 0.01\n  epochs: 3\ndata:\n  crop_size: [64, 96]\n")
+    cfg = load_config(path, ["train.lr=0.5", "compute.num_workers=2", "data.hflip=false"])
+    assert cfg.name == "exp1"
+    assert cfg.train.lr == 0.5 and cfg.train.epochs == 3
+    assert cfg.compute.num_workers == 2
+    assert cfg.data.crop_size == (64, 96)
+    assert cfg.data.hflip is False
+
+
+def test_int_is_accepted_for_float_field():
+    assert load_config(overrides=["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("train.lrr=0.1", "train.lrr", None),
+        ("trian.lr=0.1", "trian", None),
+        ("train.epochs=ten", "train.epochs", "'ten'"),
+        ("train.epochs=2.5", "train.epochs", "2.5"),
+        ("train.epochs=0", "train.epochs", "0"),
+        ("train.lr=-1", "train.lr", "-1"),
+        ("train.amp=3", "train.amp", "3"),
+        ("train.epochs=true", "train.epochs", "True"),
+        ("model.arch=unet", "model.arch", "'unet'"),
+        ("data.dataset=kitti", "data.dataset", "'kitti'"),
+        ("data.crop_size=[64]", "data.crop_size", "[64]"),
+        ("data.scale_range=[2.0, 1.0]", "data.scale_range", "(2.0, 1.0)"),
+        ("compute.use_gpu=maybe", "compute.use_gpu", "'maybe'"),
+        ("store.endpoint_url=localhost:8333", "store.endpoint_url", "'localhost:8333'"),
+        ("run=a/b", "run", "'a/b'"),
+    ],
+)
+def test_bad_values_are_rejected_naming_field_and_value(override, field, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert field in message
+    if value is not None:
+        assert value in message
+
+
+def test_unknown_key_in_file_names_file_key_and_valid_keys(tmp_path):
+    path = write(tmp_path, "train:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "train.batchsize" in message and "batch_size" in message
+
+
+def test_dataset_other_than_synthetic_needs_a_root():
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(overrides=["data.dataset=camvid"])
+
+
+def test_manifest_needs_class_names():
+    with pytest.raises(ConfigError, match="data.classes"):
+        load_config(overrides=["data.dataset=manifest", "data.root=/pool"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        load_config(write(tmp_path, "train: 3\n"))
+
+
+def test_override_syntax():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a=") == (["a"], "")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+
+
+def test_replace_with_dotted_keys_leaves_original_untouched():
+    cfg = ExperimentConfig()
+    new = replace(cfg, **{"train.lr": 0.5, "name": "x"})
+    assert new.train.lr == 0.5 and new.name == "x"
+    assert cfg.train.lr != 0.5
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")):
+        load_config(path)
