@@ -181,6 +181,59 @@ class ExperimentConfig:
             section.validate()
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One pass of pool scoring (``jobs/score_pool.py``): which frames, which models, where to.
+
+    The dense probability maps never leave the model actors; only per-image rows
+    (and the top regions per image) are written.
+    """
+
+    name: str = "score"
+    pool: str = ""  # manifest (.parquet/.csv), folder of images, or synthetic://<domain>?n=..
+    checkpoints: str = ""  # folder of ckpt_* folders (K checkpoints, last = final) or one of them
+    out: str = ""  # output folder, local or s3://bucket/prefix
+    image_size: tuple[int, ...] = ()  # frames resized to [H, W]; empty = the checkpoint's own
+    signals: tuple[str, ...] = ("entropy", "least_confidence", "margin", "confidence", "stability")
+    top_q: float = 0.1  # share of most uncertain pixels in the top-q image reduction
+    confidence_tau: float = 0.9  # a pixel is confident at max probability >= tau
+    region_size: tuple[int, ...] = (32, 32)  # grid cell [h, w] of region scores
+    region_score: str = "entropy"  # entropy | impurity_uncertainty
+    regions_top_r: int = 0  # candidate regions kept per image in regions.parquet; 0 = none
+    pseudo_labels: str = ""  # "", "all", or a file/URI listing one id per line
+    batch_size: int = 0  # frames per model call; 0 = 16 on CPU, 64 on GPU
+    actors: int = 0  # model actors; 0 = as many as the cluster fits
+    cpus_per_actor: float = 0.0  # 0 = derived from the cluster (fractional on small machines)
+    shard_size: int = 2048  # frames committed together; a rerun skips committed shards
+    store: StoreConfig = field(default_factory=StoreConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def validate(self) -> None:
+        from segrl.acquisition import PIXEL_SCORES
+
+        for key in ("pool", "checkpoints", "out"):
+            if not getattr(self, key):
+                _fail(key, getattr(self, key), "is required (a local path or s3:// URI)")
+        if self.image_size:
+            _hw("image_size", self.image_size)
+        known = (*PIXEL_SCORES, "confidence", "stability", "class_hist")
+        for i, signal in enumerate(self.signals):
+            _one_of(f"signals[{i}]", signal, known)
+        if not 0 < self.top_q <= 1:
+            _fail("top_q", self.top_q, "must be in (0, 1]")
+        if not 0 < self.confidence_tau <= 1:
+            _fail("confidence_tau", self.confidence_tau, "must be in (0, 1]")
+        _hw("region_size", self.region_size)
+        _one_of("region_score", self.region_score, ("entropy", "impurity_uncertainty"))
+        _at_least("regions_top_r", self.regions_top_r, 0)
+        _at_least("batch_size", self.batch_size, 0)
+        _at_least("actors", self.actors, 0)
+        _at_least("cpus_per_actor", self.cpus_per_actor, 0.0)
+        _at_least("shard_size", self.shard_size, 1)
+        self.store.validate()
+        self.compute.validate()
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -307,8 +360,12 @@ def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment config from a YAML file (or defaults) plus dotted overrides.
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type[T] = ExperimentConfig,  # type: ignore[assignment]
+) -> T:
+    """Load a config (an experiment by default) from a YAML file (or defaults) plus overrides.
 
     Raises ``ConfigError`` naming the file, the field and the bad value.
     """
@@ -325,7 +382,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     try:
-        cfg = from_dict(ExperimentConfig, raw)
+        cfg = from_dict(cls, raw)
         cfg.validate()
     except ConfigError as exc:
         if path is not None:
@@ -339,6 +396,28 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = from_dict(ExperimentConfig, raw)
     cfg.validate()
     return cfg
+
+
+def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with local relative paths made absolute against the current folder.
+
+    Ray workers do not run in the driver's folder, so ``data.root=../data`` must be
+    resolved where the user typed it. URIs (``s3://``) are left as they are.
+    """
+
+    def absolute(path: str) -> str:
+        if not path or "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    return replace(
+        cfg,
+        **{
+            "data.root": absolute(cfg.data.root),
+            "model.weights": absolute(cfg.model.weights),
+            "store.root": absolute(cfg.store.root),
+        },
+    )
 
 
 def replace(cfg: T, **changes: Any) -> T:

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from segrl.config import ComputeConfig, ConfigError, ExperimentConfig, config_from_dict, to_dict
+from segrl.config import (
+    ComputeConfig,
+    ConfigError,
+    ExperimentConfig,
+    absolute_local_paths,
+    config_from_dict,
+    to_dict,
+)
 from segrl.storage import ArtifactStore, open_store
 from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
 
@@ -102,6 +109,7 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = absolute_local_paths(cfg)
     preflight(cfg)
     store = run_store(cfg)
     record_config(store, cfg)

@@ -1,0 +1,261 @@
+"""Budgeted selectors: turn per-image or per-region scores into what gets labeled.
+
+Pure numpy (no I/O, no Ray) so they run on the driver over a scores table read
+in chunks. Higher score = label first. Every selector is deterministic: ties are
+broken by id (or image id, then input position), and the random baseline takes
+an explicit seed and is independent of the input row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+import numpy as np
+
+LabeledPixels = Callable[[object], np.ndarray | None] | Mapping[object, np.ndarray]
+
+
+def _check_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if np.isnan(scores).any():
+        # A NaN would sort arbitrarily and silently drop or promote items.
+        raise ValueError("scores contain NaN")
+    return scores
+
+
+class StreamingTopK:
+    """The ``k`` best (score, key) pairs of a stream pushed in chunks, in O(k + chunk) memory.
+
+    For selection over a pool of millions of rows read batch by batch. ``result()``
+    equals a full sort by (score best first, key ascending) cut to ``k``: among
+    equal scores the smallest keys win, whatever the chunking.
+    """
+
+    def __init__(self, k: int, largest: bool = True) -> None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k = k
+        self.largest = largest
+        self._scores = np.empty(0, dtype=np.float64)
+        self._keys: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def push(self, scores: np.ndarray, keys: np.ndarray) -> None:
+        """Add one chunk: ``scores`` (n,) float and ``keys`` (n,) sortable ids."""
+        scores = _check_scores(scores)
+        keys = np.asarray(keys).reshape(-1)
+        if scores.shape != keys.shape:
+            raise ValueError(f"{scores.shape[0]} scores but {keys.shape[0]} keys")
+        if self.k == 0 or scores.size == 0:
+            return
+        if self._scores.size:
+            scores = np.concatenate([self._scores, scores])
+            keys = np.concatenate([self._keys, keys])
+        rank = -scores if self.largest else scores
+        if rank.size > self.k:
+            # Cheap cut first: keep everything at least as good as the k-th best, so
+            # ties at the boundary stay and the key tie-break below decides them.
+            kth = np.partition(rank, self.k - 1)[self.k - 1]
+            keep = rank <= kth
+            rank, scores, keys = rank[keep], scores[keep], keys[keep]
+        order = np.lexsort((keys, rank))[: self.k]
+        self._scores, self._keys = scores[order], keys[order]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, keys)`` of the best ``k`` seen so far, best first."""
+        return self._scores.copy(), self._keys.copy()
+
+
+def _costs(pixels_per_image: int | np.ndarray, n: int) -> np.ndarray:
+    costs = np.broadcast_to(np.asarray(pixels_per_image, dtype=np.int64), (n,))
+    if (costs <= 0).any():
+        raise ValueError("pixels_per_image must be positive")
+    return costs
+
+
+def _greedy_fit(order: np.ndarray, costs: np.ndarray, budget: int) -> np.ndarray:
+    """Positions from ``order`` taken greedily: each one that still fits the budget, in turn."""
+    if budget < 0:
+        raise ValueError(f"budget_pixels must be >= 0, got {budget}")
+    pos, cost = order, costs[order]
+    taken: list[np.ndarray] = []
+    remaining = int(budget)
+    # Same result as an item-by-item loop, in vectorised rounds for pools of millions:
+    # drop what can no longer fit (the remaining budget only shrinks), take the leading
+    # run that fits at once, skip the first item that does not, and repeat.
+    while True:
+        fits = cost <= remaining
+        pos, cost = pos[fits], cost[fits]
+        if pos.size == 0:
+            break
+        n = int(np.searchsorted(np.cumsum(cost), remaining, side="right"))
+        taken.append(pos[:n])
+        remaining -= int(cost[:n].sum())
+        pos, cost = pos[n + 1 :], cost[n + 1 :]
+    return np.concatenate(taken) if taken else np.empty(0, dtype=np.int64)
+
+
+def _candidates(ids: np.ndarray, exclude: Collection) -> np.ndarray:
+    """Positions of ids not in ``exclude``."""
+    if not len(exclude):
+        return np.arange(ids.size)
+    # No cast to ids.dtype: a fixed-width string cast would truncate longer ids into false matches.
+    return np.flatnonzero(~np.isin(ids, np.asarray(list(exclude))))
+
+
+def _balanced_order(
+    order: np.ndarray, class_hist: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """Reorder best-first ``order`` round-robin over "rarest predicted class" groups.
+
+    An image's group is the class it predicts (count > 0) that is rarest in the
+    candidate pool's summed histogram (ties -> lower class id; no prediction ->
+    its own group, last). Groups are visited rarest first; within a group images
+    keep their best-first order. So the first picks cover as many rare classes as
+    possible before any class gets its second image, in the spirit of the
+    class-balanced sampling of STAL and S4AL.
+    """
+    pool_freq = class_hist[candidates].sum(axis=0).astype(np.float64)
+    rarity = np.where(class_hist[order] > 0, pool_freq[None, :], np.inf)
+    group = np.argmin(rarity, axis=1)
+    empty = np.isinf(rarity.min(axis=1))
+    n_classes = class_hist.shape[1]
+    # Group position: classes sorted rarest first, the empty group after all of them.
+    class_rank = np.empty(n_classes + 1, dtype=np.int64)
+    class_rank[np.lexsort((np.arange(n_classes), pool_freq))] = np.arange(n_classes)
+    class_rank[n_classes] = n_classes
+    group_pos = class_rank[np.where(empty, n_classes, group)]
+    # Rank inside a group: a stable sort by group keeps the best-first order.
+    by_group = np.argsort(group_pos, kind="stable")
+    within = np.empty(order.size, dtype=np.int64)
+    sorted_groups = group_pos[by_group]
+    starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
+    within[by_group] = np.arange(order.size) - starts
+    return order[np.lexsort((group_pos, within))]
+
+
+def select_images(
+    ids: Sequence | np.ndarray,
+    scores: np.ndarray,
+    pixels_per_image: int | np.ndarray,
+    budget_pixels: int,
+    exclude: Collection = (),
+    seed: int = 0,
+    class_hist: np.ndarray | None = None,
+    balance: bool = False,
+) -> list:
+    """Image-level selection (STAL's entropy top-K under a pixel budget).
+
+    ``ids`` (N,), ``scores`` (N,), ``pixels_per_image`` an int or (N,) costs.
+    Best score first (ties by id ascending); an image is taken only if its full
+    cost fits what is left of ``budget_pixels``, otherwise it is skipped and the
+    next one tried. Ids in ``exclude`` (already labeled) are never chosen.
+    With ``balance=True`` and ``class_hist`` (N x C predicted pixel counts), the
+    order is interleaved over rarest-class groups (see :func:`_balanced_order`).
+    ``seed`` is accepted so all image selectors share one signature; this
+    selector is fully determined by scores and ids. Returns the chosen ids in
+    pick order.
+    """
+    ids = np.asarray(ids)
+    scores = _check_scores(scores)
+    if ids.shape != scores.shape:
+        raise ValueError(f"{ids.size} ids but {scores.size} scores")
+    costs = _costs(pixels_per_image, ids.size)
+    candidates = _candidates(ids, exclude)
+    order = candidates[np.lexsort((ids[candidates], -scores[candidates]))]
+    if balance:
+        if class_hist is None:
+            raise ValueError("balance=True needs class_hist (N x C)")
+        class_hist = np.asarray(class_hist)
+        if class_hist.ndim != 2 or class_hist.shape[0] != ids.size:
+            raise ValueError(f"class_hist must be {ids.size} x C, got {class_hist.shape}")
+        order = _balanced_order(order, class_hist, candidates)
+    return ids[_greedy_fit(order, costs, budget_pixels)].tolist()
+
+
+def select_random(
+    ids: Sequence | np.ndarray,
+    pixels_per_image: int | np.ndarray,
+    budget_pixels: int,
+    exclude: Collection = (),
+    seed: int = 0,
+) -> list:
+    """Random images under a pixel budget: the baseline every paper compares against.
+
+    Deterministic given ``seed`` and the set of ids: ids are sorted before the
+    shuffle, so the row order a distributed read happens to produce does not
+    change the pick. Same skip-and-continue budget rule as :func:`select_images`.
+    """
+    ids = np.asarray(ids)
+    costs = _costs(pixels_per_image, ids.size)
+    candidates = _candidates(ids, exclude)
+    candidates = candidates[np.argsort(ids[candidates], kind="stable")]
+    order = candidates[np.random.default_rng(seed).permutation(candidates.size)]
+    return ids[_greedy_fit(order, costs, budget_pixels)].tolist()
+
+
+def _labeled_mask(labeled_pixels: LabeledPixels | None, image_id: object) -> np.ndarray | None:
+    if labeled_pixels is None:
+        return None
+    if callable(labeled_pixels):
+        return labeled_pixels(image_id)
+    return labeled_pixels.get(image_id)
+
+
+def select_regions(
+    image_ids: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    budget_pixels: int,
+    labeled_pixels: LabeledPixels | None = None,
+) -> tuple[np.ndarray, int]:
+    """Region-level selection (RIPU, S4AL) over a pool of candidate boxes.
+
+    ``image_ids`` (N,), ``boxes`` (N x 4: y0, x0, y1, x1, end-exclusive),
+    ``scores`` (N,). Greedy best-first over the whole pool (ties by image id, then
+    input position). A region is skipped when it overlaps a region already taken
+    in the same image, when its cost is 0, or when its cost exceeds what is left of
+    the budget (smaller ones after it are still tried). The cost is the region's
+    area minus the pixels already labeled inside it, read from ``labeled_pixels``
+    (a callable or a mapping image_id -> bool H x W mask; missing -> none labeled),
+    so no pixel is paid for twice.
+
+    The loop is per candidate: feed it a pool cut down by :class:`StreamingTopK`,
+    not millions of regions. Returns (indices into the inputs in pick order, total
+    pixels charged).
+    """
+    image_ids = np.asarray(image_ids).reshape(-1)
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    scores = _check_scores(scores)
+    if not image_ids.size == boxes.shape[0] == scores.size:
+        raise ValueError(
+            f"{image_ids.size} image ids, {boxes.shape[0]} boxes, {scores.size} scores"
+        )
+    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError("boxes must be (y0, x0, y1, x1) with y1 >= y0 and x1 >= x0")
+    if budget_pixels < 0:
+        raise ValueError(f"budget_pixels must be >= 0, got {budget_pixels}")
+    order = np.lexsort((np.arange(scores.size), image_ids, -scores))
+    taken: list[int] = []
+    taken_boxes: dict[object, list[np.ndarray]] = {}
+    remaining = int(budget_pixels)
+    for i in order:
+        if remaining == 0:
+            break
+        image_id = image_ids[i]
+        image_id = image_id.item() if isinstance(image_id, np.generic) else image_id
+        y0, x0, y1, x1 = boxes[i]
+        if any(
+            min(y1, b[2]) > max(y0, b[0]) and min(x1, b[3]) > max(x0, b[1])
+            for b in taken_boxes.get(image_id, ())
+        ):
+            continue
+        cost = int((y1 - y0) * (x1 - x0))
+        mask = _labeled_mask(labeled_pixels, image_id)
+        if mask is not None:
+            cost -= int(np.count_nonzero(mask[y0:y1, x0:x1]))
+        if cost == 0 or cost > remaining:
+            continue
+        taken.append(int(i))
+        taken_boxes.setdefault(image_id, []).append(boxes[i])
+        remaining -= cost
+    return np.asarray(taken, dtype=np.int64), int(budget_pixels) - remaining

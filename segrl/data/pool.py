@@ -1,0 +1,219 @@
+"""Unlabeled pools: where the frames to score come from, streamed in bounded memory.
+
+A pool is one of
+
+* a manifest (``.parquet`` / ``.csv``, local or ``s3://``) with ``image_uri`` and
+  optionally ``id`` columns (see :mod:`segrl.data.manifest`);
+* a folder (local or ``s3://``) whose image files, recursively and sorted, are the pool;
+* ``synthetic://<domain>?n=<count>&seed=<s>&size=<H>x<W>``: rendered road scenes, the
+  zero-download pool for quick starts, tests and scale benchmarks (any size, no disk).
+
+:func:`iter_pool_batches` yields Arrow batches of ``id`` and ``image_uri`` (absolute);
+:func:`load_pool_image` turns one URI into an RGB array or a :class:`DataError` that
+says why (empty file, truncated, not an image, unsupported mode, missing).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from segrl.data.labels import DataError
+from segrl.data.manifest import (
+    ID_COLUMN,
+    IMAGE_COLUMN,
+    base_of,
+    iter_manifest_batches,
+    read_bytes,
+    resolve_uri,
+)
+
+SYNTHETIC_SCHEME = "synthetic://"
+POOL_SPLIT = "pool"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Camera frames: colour, grey or palette. 16-bit, float and 1-bit images are depth maps,
+# masks or scans that a segmentation model trained on photos would score as nonsense.
+POOL_IMAGE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr")
+POOL_SCHEMA = pa.schema([(ID_COLUMN, pa.string()), (IMAGE_COLUMN, pa.string())])
+
+
+# --------------------------------------------------------------------------- synthetic pools
+
+
+def synthetic_pool_uri(
+    count: int, domain: str = "target", seed: int = 0, size: tuple[int, int] = (128, 160)
+) -> str:
+    """The pool spec of ``count`` synthetic frames."""
+    return f"{SYNTHETIC_SCHEME}{domain}?n={count}&seed={seed}&size={size[0]}x{size[1]}"
+
+
+def parse_synthetic_pool(uri: str) -> tuple[str, int, int, tuple[int, int]]:
+    """(domain, count, seed, (H, W)) of a ``synthetic://`` pool spec."""
+    parts = urlsplit(uri)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    try:
+        count = int(query.get("n", "0"))
+        seed = int(query.get("seed", "0"))
+        h, w = (int(v) for v in query.get("size", "128x160").lower().split("x"))
+    except ValueError as exc:
+        raise DataError(f"pool {uri!r}: n, seed and size=<H>x<W> must be integers ({exc})") from None
+    if count < 1:
+        raise DataError(f"pool {uri!r} needs n=<count of frames> >= 1")
+    return parts.netloc or "target", count, seed, (h, w)
+
+
+def synthetic_frame_uri(domain: str, seed: int, index: int, size: tuple[int, int]) -> str:
+    return f"{SYNTHETIC_SCHEME}{domain}/{seed}/{index}?size={size[0]}x{size[1]}"
+
+
+def _render_synthetic(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    from segrl.data.synthetic import render_scene, split_offset
+
+    parts = urlsplit(uri)
+    try:
+        seed, index = (int(p) for p in parts.path.strip("/").split("/"))
+        h, w = (int(v) for v in parse_qs(parts.query)["size"][-1].lower().split("x"))
+        return render_scene(seed, split_offset(POOL_SPLIT) + index, (h, w), parts.netloc)
+    except (ValueError, KeyError) as exc:
+        raise DataError(f"{uri} is not a synthetic frame URI ({exc})") from None
+
+
+def synthetic_label(uri: str) -> np.ndarray:
+    """Ground-truth label (H x W uint8) of a synthetic frame URI, for oracle labeling."""
+    return _render_synthetic(uri)[1]
+
+
+def _synthetic_batches(uri: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    from segrl.data.synthetic import synthetic_id
+
+    domain, count, seed, size = parse_synthetic_pool(uri)
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        ids = [synthetic_id(domain, seed, POOL_SPLIT, i) for i in range(start, stop)]
+        uris = [synthetic_frame_uri(domain, seed, i, size) for i in range(start, stop)]
+        yield pa.record_batch([pa.array(ids), pa.array(uris)], schema=POOL_SCHEMA)
+
+
+def write_synthetic_pool_manifest(
+    uri: str, count: int, domain: str = "target", seed: int = 0,
+    size: tuple[int, int] = (128, 160), endpoint_url: str | None = None,
+) -> str:
+    """Write a Parquet manifest of ``count`` synthetic frames, streaming (any count)."""
+    from segrl.storage import filesystem_for
+
+    filesystem, path = filesystem_for(uri, endpoint_url)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    spec = synthetic_pool_uri(count, domain, seed, size)
+    with pq.ParquetWriter(path, POOL_SCHEMA, filesystem=filesystem) as writer:
+        for batch in _synthetic_batches(spec, 65536):
+            writer.write_batch(batch)
+    return uri
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _folder_batches(uri: str, batch_size: int, endpoint_url: str | None) -> Iterator[pa.RecordBatch]:
+    from segrl.storage import filesystem_for
+
+    filesystem, path = filesystem_for(uri, endpoint_url)
+    selector = pafs.FileSelector(path, recursive=True)
+    try:
+        infos = filesystem.get_file_info(selector)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"pool folder {uri} cannot be listed: {exc}") from exc
+    paths = sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not paths:
+        raise DataError(f"pool folder {uri} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    prefix = "s3://" if uri.startswith("s3://") else ""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        ids = [posixpath.splitext(posixpath.basename(p))[0] for p in chunk]
+        uris = [prefix + p for p in chunk]
+        yield pa.record_batch([pa.array(ids), pa.array(uris)], schema=POOL_SCHEMA)
+
+
+# --------------------------------------------------------------------------- any pool
+
+
+def pool_kind(uri: str) -> str:
+    """'synthetic', 'manifest' or 'folder'."""
+    if uri.startswith(SYNTHETIC_SCHEME):
+        return "synthetic"
+    if uri.lower().endswith((".parquet", ".pq", ".csv")):
+        return "manifest"
+    return "folder"
+
+
+def iter_pool_batches(
+    uri: str, batch_size: int, endpoint_url: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a pool as Arrow batches of (``id``, absolute ``image_uri``), in a fixed order.
+
+    Only about one batch is in memory at a time for manifests and synthetic pools (a
+    folder's listing is held once). Ids missing from a manifest become file stems.
+    """
+    kind = pool_kind(uri)
+    if kind == "synthetic":
+        yield from _synthetic_batches(uri, batch_size)
+        return
+    if kind == "folder":
+        yield from _folder_batches(uri, batch_size, endpoint_url)
+        return
+    base = base_of(uri)
+    for batch in iter_manifest_batches(uri, batch_size, endpoint_url):
+        names = batch.schema.names
+        if IMAGE_COLUMN not in names:
+            raise DataError(f"pool manifest {uri} has no '{IMAGE_COLUMN}' column; it has {names}")
+        images = batch.column(IMAGE_COLUMN).to_pylist()
+        uris = [resolve_uri(base, u) if u else "" for u in images]
+        if ID_COLUMN in names:
+            ids = [str(v) if v is not None else None for v in batch.column(ID_COLUMN).to_pylist()]
+        else:
+            ids = [None] * len(uris)
+        ids = [i or posixpath.splitext(posixpath.basename(u))[0] for i, u in zip(ids, uris, strict=True)]
+        yield pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string())], schema=POOL_SCHEMA)
+
+
+def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
+    """An image file's bytes -> H x W x 3 uint8 RGB, or a ``DataError`` with the reason."""
+    if not data:
+        raise DataError(f"{uri}: file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        mode = img.mode
+        if mode not in POOL_IMAGE_MODES:
+            raise DataError(
+                f"{uri}: unsupported image mode {mode} (expected a colour or grey photo: "
+                f"{', '.join(POOL_IMAGE_MODES)})"
+            )
+        img.load()  # decode now so truncation is reported here
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{uri}: not a readable image ({len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{uri}: cannot decode image ({exc})") from None
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_pool_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
+    """H x W x 3 uint8 of a pool frame at any URI (file, s3://, synthetic://)."""
+    if not uri:
+        raise DataError("row has an empty image_uri")
+    if uri.startswith(SYNTHETIC_SCHEME):
+        return _render_synthetic(uri)[0]
+    return decode_pool_image(read_bytes(uri, endpoint_url), uri)

@@ -1,0 +1,1 @@
+"""Training recipes assembled from losses, heads and banks (see DESIGN.md)."""

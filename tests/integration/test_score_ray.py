@@ -1,0 +1,172 @@
+"""Pool scoring on a real local Ray cluster: bad files, K checkpoints, regions, resume, lost actors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from _pools import write_checkpoints, write_pool
+
+from segrl.config import ScoreConfig, load_config
+from segrl.engine.score import score_pool
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    manifest, bad = write_pool(root)
+    checkpoints = write_checkpoints(root / "train", k=3)
+    return manifest, bad, checkpoints
+
+
+def config(pool_uri, checkpoints, out, *extra: str) -> ScoreConfig:
+    return load_config(overrides=[
+        f"pool={pool_uri}", f"checkpoints={checkpoints}", f"out={out}",
+        "regions_top_r=3", "region_size=[16,20]", "batch_size=4", "shard_size=8",
+        "pseudo_labels=all", *extra,
+    ], cls=ScoreConfig)
+
+
+def test_corrupt_files_become_error_rows_and_everything_else_is_scored(pool, tmp_path):
+    manifest, bad, checkpoints = pool
+    summary = score_pool(config(manifest, checkpoints, tmp_path / "out"))
+    scores = pq.read_table(tmp_path / "out" / "scores.parquet").to_pandas()
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pandas()
+    assert summary.scored == 20 and summary.errors == len(bad) == 5
+    assert sorted(scores["id"]) == [f"frame_{i:03d}" for i in range(20)]
+    assert scores["id"].is_unique and sorted(errors["id"]) == sorted(bad)
+    reasons = dict(zip(errors["id"], errors["reason"], strict=True))
+    assert "empty (0 bytes)" in reasons["bad_empty"]
+    assert "cannot decode" in reasons["bad_truncated"]
+    assert "not a readable image" in reasons["bad_not_an_image"]
+    assert "mode I;16" in reasons["bad_sixteen_bit"]
+    assert "does_not_exist.png" in reasons["bad_missing"]
+    for column in ("entropy_mean", "entropy_top_q", "margin_mean", "least_confidence_mean",
+                   "mean_max_prob", "confident_share", "stability"):
+        values = scores[column].to_numpy()
+        assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all(), column
+    # Three differently initialised models disagree: stability is an IoU strictly below 1.
+    assert (scores["stability"] < 1).all()
+    # The top-q mean of pixel entropy is at least the plain mean.
+    assert (scores["entropy_top_q"] >= scores["entropy_mean"] - 1e-9).all()
+    hist = np.stack(scores["class_hist"].to_numpy())
+    assert (hist.sum(1) == 64 * 80).all()  # every scored pixel at the scoring resolution
+    # Frames that were twice the size keep their own size in the table.
+    assert set(zip(scores["height"], scores["width"], strict=True)) == {(64, 80), (128, 160)}
+    regions = pq.read_table(tmp_path / "out" / "regions.parquet").to_pandas()
+    assert regions.groupby("id").size().max() == 3
+    merged = regions.merge(scores[["id", "height", "width"]], on="id")
+    assert (merged["y1"] <= merged["height"]).all() and (merged["x1"] <= merged["width"]).all()
+    assert (merged["y0"] < merged["y1"]).all() and (merged["x0"] < merged["x1"]).all()
+    # Regions come best first within each image.
+    for _, group in regions.groupby("id"):
+        assert list(group.sort_values("rank")["score"]) == sorted(group["score"], reverse=True)
+    # Pseudo labels at the original resolution, with a confidence map beside them.
+    from PIL import Image
+
+    big = scores[scores["height"] == 128].iloc[0]
+    label = np.asarray(Image.open(tmp_path / "out" / "pseudo_labels" / f"{big['id']}.png"))
+    assert label.shape == (128, 160) and label.max() < 10
+    assert (tmp_path / "out" / "pseudo_labels" / f"{big['id']}_conf.png").is_file()
+
+
+def test_rerun_skips_committed_shards(pool, tmp_path):
+    manifest, _, checkpoints = pool
+    cfg = config(manifest, checkpoints, tmp_path / "out", "pseudo_labels=")
+    first = score_pool(cfg)
+    assert first.shards_scored_now == 4  # 25 rows in shards of 8
+    again = score_pool(cfg)
+    assert again.shards_scored_now == 0 and again.shards_skipped == 4
+    # A shard whose commit marker is missing is scored again, and only that one.
+    os.remove(tmp_path / "out" / "_work" / "shards" / "000002.done")
+    third = score_pool(cfg)
+    assert third.shards_scored_now == 1
+    before = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert before.num_rows == 20 and len(set(before.column("id").to_pylist())) == 20
+
+
+def test_changed_settings_in_the_same_out_folder_are_refused(pool, tmp_path):
+    from segrl.config import ConfigError
+
+    manifest, _, checkpoints = pool
+    score_pool(config(manifest, checkpoints, tmp_path / "out", "pseudo_labels="))
+    with pytest.raises(ConfigError, match="region_size"):
+        score_pool(config(manifest, checkpoints, tmp_path / "out", "pseudo_labels=", "region_size=[8,8]"))
+
+
+def actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if "MapWorker" in cmdline and "ScoreActor" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_actor_is_retried_and_the_table_is_complete(tmp_path):
+    checkpoints = write_checkpoints(tmp_path / "train", k=2)
+    cfg = config("synthetic://target?n=240&seed=3&size=64x80", checkpoints, tmp_path / "out",
+                 "pseudo_labels=", "shard_size=60", "regions_top_r=0")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", score_pool(cfg, progress=False)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        pids = actor_pids()
+        if pids and list((tmp_path / "out" / "_work" / "shards").glob("*.done")):
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    thread.join(timeout=300)
+    assert killed is not None, "no scoring actor was seen mid-run"
+    assert outcome["summary"].scored == 240
+    ids = pq.read_table(tmp_path / "out" / "scores.parquet").column("id").to_pylist()
+    assert len(ids) == 240 and len(set(ids)) == 240
+
+
+def test_rerun_after_the_driver_was_killed_does_not_rescore_committed_shards(ray_cluster, tmp_path):
+    checkpoints = write_checkpoints(tmp_path / "train", k=1)
+    args = ["pool=synthetic://target?n=200&seed=4&size=64x80", f"checkpoints={checkpoints}",
+            f"out={tmp_path / 'out'}", "shard_size=40", "batch_size=4",
+            f"compute.ray_address={ray_cluster.get_runtime_context().gcs_address}"]
+    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "score_pool.py"), *args],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = tmp_path / "out" / "_work" / "shards"
+    deadline = time.time() + 180
+    while time.time() < deadline and driver.poll() is None:
+        if len(list(markers.glob("*.done"))) >= 2:
+            driver.kill()
+            break
+        time.sleep(0.1)
+    driver.wait(timeout=60)
+    committed = len(list(markers.glob("*.done")))
+    assert 2 <= committed < 5, f"the driver was not killed mid-run ({committed} shards done)"
+    summary = score_pool(load_config(overrides=args, cls=ScoreConfig), progress=False)
+    assert summary.shards_skipped == committed and summary.shards_scored_now == 5 - committed
+    ids = pq.read_table(tmp_path / "out" / "scores.parquet").column("id").to_pylist()
+    assert len(ids) == 200 and len(set(ids)) == 200
