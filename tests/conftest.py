@@ -71,3 +71,14 @@ def make_store(request: pytest.FixtureRequest) -> Callable[..., object]:
 def store(store_root: str, make_store: Callable[..., object]):
     """An empty ArtifactStore on each backend."""
     return make_store(store_root)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: extra intra-op threads only contend with whatever else runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,14 +9,7 @@ from torch import nn
 from segrl.models.ema import EMATeacher, ema_momentum
 from segrl.models.heads import OutputDiscriminator, ProjectionHead, TwoHeadClassifier
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only contend with whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _linear(weight: float, bias: float) -> nn.Linear:

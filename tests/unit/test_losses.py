@@ -28,14 +28,7 @@ from segrl.losses import (
 from segrl.methods.banks import FeatureMemoryBank
 from segrl.models.heads import OutputDiscriminator
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only contend with whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A 1 x 2 x 2 x 2 teacher map: (class-0 prob, class-1 prob) per pixel.
