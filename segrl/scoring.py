@@ -249,6 +249,24 @@ class PoolScorer:
         return written
 
 
+def save_scoring_checkpoint(
+    folder: str, model: torch.nn.Module, arch: str, classes: tuple[str, ...] | list[str],
+    image_size: tuple[int, int] | None = None, step: int = 0,
+) -> str:
+    """Write ``folder/checkpoint.pt`` in the format training writes, for weights that
+    come from elsewhere (a user's own model, or a benchmark's untrained one)."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    data = {"dataset": "manifest"}
+    if image_size:
+        data["base_size"] = list(image_size)
+    path = os.path.join(folder, CHECKPOINT_FILE)
+    torch.save({"model": model.state_dict(), "config": {"model": {"arch": arch}, "data": data},
+                "step": step, "epoch": 0, "metrics": {"classes": list(classes)}}, path)
+    return path
+
+
 def resolve_image_size(cfg: ScoreConfig, info: CheckpointInfo) -> tuple[int, int]:
     """The scoring resolution: the config's, else the checkpoint's training resolution."""
     if cfg.image_size:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from segrl.data.synthetic import SYNTHETIC_CLASSES, render_scene
 from segrl.models import build_model
+from segrl.scoring import save_scoring_checkpoint
 
 ARCH = "lraspp_mobilenet_v3_large"
 SIZE = (64, 80)
@@ -22,14 +23,10 @@ def write_checkpoints(root: Path, k: int = 3, size: tuple[int, int] = SIZE) -> P
     The models are untrained, which is all the scoring pipeline needs: distinct
     checkpoints give distinct predictions, so stability is below 1.
     """
-    config = {"model": {"arch": ARCH}, "data": {"dataset": "synthetic", "synthetic_size": list(size)}}
     for i in range(1, k + 1):
         torch.manual_seed(i)
         model = build_model(ARCH, len(SYNTHETIC_CLASSES))
-        folder = root / f"ckpt_{i:08d}"
-        folder.mkdir(parents=True)
-        torch.save({"model": model.state_dict(), "config": config, "step": i, "epoch": 0,
-                    "metrics": {"classes": list(SYNTHETIC_CLASSES)}}, folder / "checkpoint.pt")
+        save_scoring_checkpoint(str(root / f"ckpt_{i:08d}"), model, ARCH, SYNTHETIC_CLASSES, size, i)
     return root
 
 

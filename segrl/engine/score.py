@@ -52,6 +52,7 @@ class ScoreSummary:
     shards_scored_now: int
     shards_skipped: int
     seconds: float
+    steady_frames_per_s: float | None  # frames/s between the first and the last commit
 
 
 # --------------------------------------------------------------------------- CPU stage
@@ -157,21 +158,26 @@ def plan_resources(cfg: ScoreConfig, use_gpu: bool) -> dict[str, Any]:
     """Actor count, CPUs per actor and per decode task, threads and batch size.
 
     On a small CPU machine the actors must leave CPU for the decode tasks, or the
-    pipeline starves its own input and hangs; so CPU requests are fractional and the
-    pool is sized from what the cluster has.
+    pipeline starves its own input and hangs; so CPU requests are fractional, an actor
+    never asks for more than one node has, and the pool is sized from what the
+    cluster has.
     """
     import ray
 
-    total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    total_cpu = float(sum(node_cpus)) or 1.0
     gpus = int(ray.cluster_resources().get("GPU", 0))
     decode_cpus = 0.25
+    reserve = 2 * decode_cpus  # two decode tasks can always run beside the actors
     if use_gpu:
         actors = cfg.actors or max(1, gpus)
-        cpus_per_actor = cfg.cpus_per_actor or 1.0
+        # A GPU actor mostly waits on the device; it needs a CPU share, not whole cores.
+        cpus_per_actor = cfg.cpus_per_actor or min(1.0, max((total_cpu - reserve) / actors, 0.25))
     else:
-        spare = max(total_cpu - 2 * decode_cpus, 0.5)
-        cpus_per_actor = cfg.cpus_per_actor or min(max(spare, 0.5), 4.0)
-        actors = cfg.actors or max(1, int(spare // cpus_per_actor))
+        cpus_per_actor = cfg.cpus_per_actor or min(0.75 * max(node_cpus, default=1.0), 4.0)
+        actors = cfg.actors or max(1, sum(int(c // cpus_per_actor) for c in node_cpus))
+        while not cfg.actors and actors > 1 and actors * cpus_per_actor + reserve > total_cpu:
+            actors -= 1
     if actors * cpus_per_actor + decode_cpus > total_cpu + 1e-9:
         raise ConfigError(
             f"config fields 'actors' = {actors} x 'cpus_per_actor' = {cpus_per_actor} leave no CPU "
@@ -341,6 +347,7 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
     all_shards: list[int] = []
     pending: list[tuple[int, pa.Table]] = []
     scored_now = 0
+    commits: list[tuple[float, int]] = []  # (time, frames) of each shard committed now
 
     def run_wave(wave: list[tuple[int, pa.Table]]) -> None:
         nonlocal scored_now
@@ -375,6 +382,7 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
                 if len(seen[shard]) == expected[shard]:
                     tables = _rows_to_tables(buffers.pop(shard), cfg.regions_top_r)
                     _commit_shard(store, shard, tables)
+                    commits.append((time.perf_counter(), expected[shard]))
                     scored_now += 1
                     if progress:
                         print(f"[segrl] shard {shard} committed ({expected[shard]} frames)", flush=True)
@@ -400,10 +408,13 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
         _merge(store, "regions", all_shards, "regions.parquet")
         regions_uri = store.uri("regions.parquet")
     seconds = time.perf_counter() - started
+    steady = None
+    if len(commits) >= 2 and commits[-1][0] > commits[0][0]:
+        steady = sum(n for _, n in commits[1:]) / (commits[-1][0] - commits[0][0])
     summary = ScoreSummary(
         out_uri=store.uri(), scores_uri=store.uri("scores.parquet"), errors_uri=store.uri("errors.parquet"),
         regions_uri=regions_uri, scored=scored, errors=errors, shards_scored_now=scored_now,
-        shards_skipped=len(all_shards) - scored_now, seconds=seconds,
+        shards_skipped=len(all_shards) - scored_now, seconds=seconds, steady_frames_per_s=steady,
     )
     store.write_json(SUMMARY, {**summary.__dict__, "checkpoints": list(info.uris), "classes": list(info.classes),
                                "image_size": list(size), "resources": plan})
