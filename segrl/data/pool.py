@@ -130,7 +130,9 @@ def _folder_batches(uri: str, batch_size: int, endpoint_url: str | None) -> Iter
     selector = pafs.FileSelector(path, recursive=True)
     try:
         infos = filesystem.get_file_info(selector)
-    except (FileNotFoundError, OSError) as exc:
+    except FileNotFoundError:
+        raise DataError(f"pool {uri} does not exist (expected a manifest, a folder or synthetic://)") from None
+    except OSError as exc:
         raise DataError(f"pool folder {uri} cannot be listed: {exc}") from exc
     paths = sorted(
         i.path for i in infos

@@ -59,8 +59,10 @@ def ensure_ray(compute: ComputeConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    # "local" starts a fresh cluster rather than joining whichever one happens to run here;
+    # `ray job submit` sets RAY_ADDRESS for the driver, which then joins its cluster.
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True)
 
 
 def resolve_use_gpu(compute: ComputeConfig) -> bool:
