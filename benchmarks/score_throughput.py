@@ -33,8 +33,8 @@ from segrl.scoring import save_scoring_checkpoint
 
 ARCH = "lraspp_mobilenet_v3_large"
 SETTINGS = {
-    "small": {"frames": 1536, "size": (128, 160), "batch": 16, "shard": 256, "big_pool": 0},
-    "full": {"frames": 10240, "size": (128, 160), "batch": 16, "shard": 1024, "big_pool": 100_000},
+    "small": {"frames": 1536, "size": (64, 80), "batch": 16, "shard": 256, "big_pool": 0},
+    "full": {"frames": 10240, "size": (64, 80), "batch": 16, "shard": 1024, "big_pool": 100_000},
 }
 BIG_POOL_SIZE = (32, 40)
 

@@ -49,6 +49,11 @@ class DataConfig:
     synthetic_domain: str = "source"  # source | target
     synthetic_seed: int = 0
     synthetic_size: tuple[int, ...] = (128, 160)
+    # Semi-supervised splits of the train split: which images keep their labels.
+    labeled_ids: str = ""  # file/URI listing the labeled ids (one per line); others unlabeled
+    labeled_count: int = 0  # or: this many labeled images, drawn with train.seed; 0 = all
+    synthetic_unlabeled_images: int = 0  # synthetic only: extra unlabeled frames ...
+    synthetic_unlabeled_domain: str = "target"  # ... in this domain (source or target)
 
     def validate(self) -> None:
         _one_of("data.dataset", self.dataset, ("synthetic", "camvid", "cityscapes", "manifest"))
@@ -66,6 +71,11 @@ class DataConfig:
         _at_least("data.synthetic_train_images", self.synthetic_train_images, 1)
         _at_least("data.synthetic_val_images", self.synthetic_val_images, 1)
         _one_of("data.synthetic_domain", self.synthetic_domain, ("source", "target"))
+        _at_least("data.labeled_count", self.labeled_count, 0)
+        if self.labeled_ids and self.labeled_count:
+            _fail("data.labeled_count", self.labeled_count, "cannot be combined with data.labeled_ids")
+        _at_least("data.synthetic_unlabeled_images", self.synthetic_unlabeled_images, 0)
+        _one_of("data.synthetic_unlabeled_domain", self.synthetic_unlabeled_domain, ("source", "target"))
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """The training recipe and the weights of its loss terms (see segrl.methods.recipes)."""
+
+    name: str = "supervised"  # supervised | mean_teacher
+    lambda_u: float = 1.0  # weight of the pseudo-label loss on unlabeled images
+    ema_momentum: float = 0.99  # teacher momentum m, warmed up as min(1 - 1/(t+1), m)
+    cold_start_epochs: int = 1  # supervised-only epochs before the unlabeled terms start
+    confidence_weighting: bool = True  # S4AL: pixel weight = teacher max prob, image weight below
+    image_weight_tau: float = 0.97  # image weight = share of pixels with confidence >= tau
+    classmix: bool = False  # Balanced ClassMix on unlabeled images (S4AL)
+    lambda_mix: float = 1.0
+    classmix_temperature: float = 0.5  # tail bias: p_c ~ freq_c^-T (0 = plain ClassMix)
+    replay_buffer: int = 0  # unlabeled images kept for mixing with later batches; 0 = none
+
+    def validate(self) -> None:
+        _one_of("method.name", self.name, ("supervised", "mean_teacher"))
+        _at_least("method.lambda_u", self.lambda_u, 0.0)
+        if not 0 <= self.ema_momentum <= 1:
+            _fail("method.ema_momentum", self.ema_momentum, "must be in [0, 1]")
+        _at_least("method.cold_start_epochs", self.cold_start_epochs, 0)
+        if not 0 < self.image_weight_tau <= 1:
+            _fail("method.image_weight_tau", self.image_weight_tau, "must be in (0, 1]")
+        _at_least("method.lambda_mix", self.lambda_mix, 0.0)
+        _at_least("method.classmix_temperature", self.classmix_temperature, 0.0)
+        _at_least("method.replay_buffer", self.replay_buffer, 0)
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where runs are written: a local folder or s3://bucket/prefix on any S3 endpoint.
 
@@ -164,6 +202,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
@@ -177,7 +216,7 @@ class ExperimentConfig:
                 _fail(key, value, "may hold only letters, digits, '-', '_' and '.'")
         if not self.name:
             _fail("name", self.name, "must not be empty")
-        for section in (self.data, self.model, self.train, self.store, self.compute):
+        for section in (self.data, self.model, self.train, self.method, self.store, self.compute):
             section.validate()
 
 

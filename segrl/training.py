@@ -156,6 +156,44 @@ def supervised_step(ctx: StepContext, batch: dict[str, Any]) -> float:
     return float(loss.detach())
 
 
+def recipe_step(
+    ctx: StepContext, recipe: Any, batch_x: dict[str, Any], batch_u: dict[str, Any] | None, epoch: int
+) -> dict[str, float]:
+    """One optimiser step of a recipe's losses (see segrl.methods.recipes); returns them."""
+    def to_device(batch: dict[str, Any] | None) -> dict[str, Any] | None:
+        if batch is None:
+            return None
+        return {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    with torch.autocast(
+        device_type=ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
+        enabled=ctx.amp_dtype is not None,
+    ):
+        losses = recipe.losses(ctx.model, to_device(batch_x), to_device(batch_u), epoch)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(losses["loss"]).backward()
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        losses["loss"].backward()
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def cycle_batches(
+    dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, workers: int
+) -> Iterator[dict[str, Any]]:
+    """Endless batches of this rank's shard of ``dataset``, reshuffled on every pass."""
+    sampler = ShardSampler(len(dataset), rank, world, seed=seed)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from make_loader(dataset, batch_size, sampler, workers, drop_last=True)
+        epoch += 1
+
+
 @torch.no_grad()
 def evaluate_confusion(
     model: nn.Module,
@@ -193,8 +231,9 @@ def save_training_state(
     epoch: int,
     config: dict[str, Any],
     metrics: dict[str, Any] | None = None,
+    recipe_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model, optimiser, schedule, position and config into ``directory``."""
+    """Write model, optimiser, schedule, position, config and recipe state into ``directory``."""
     path = Path(directory) / CHECKPOINT_FILE
     state = {
         "model": unwrap(model).state_dict(),
@@ -204,6 +243,7 @@ def save_training_state(
         "epoch": epoch,
         "config": config,
         "metrics": metrics or {},
+        "recipe": recipe_state or {},
     }
     torch.save(state, path)
     return path

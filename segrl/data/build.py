@@ -67,3 +67,71 @@ def _split_manifest(root: str, split: str, endpoint_url: str = "") -> str:
         if filesystem.get_file_info(path).type == pafs.FileType.File:
             return uri
     raise DataError(f"manifest for split '{split}' not found: looked for {' and '.join(candidates)}")
+
+
+class SplitView(Dataset):
+    """Some indices of a dataset, keeping its ``classes`` and ``ignore_index``."""
+
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, list(indices)
+        self.classes = base.classes
+        self.ignore_index = base.ignore_index
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[self.indices[i]]
+
+
+def dataset_ids(dataset: Dataset) -> list[str]:
+    """The sample id of every item, without decoding any image."""
+    if hasattr(dataset, "ids"):
+        return list(dataset.ids)
+    return [dataset.sample_id(i) for i in range(len(dataset))]
+
+
+def split_labeled(
+    cfg: DataConfig, train_set: Dataset, seed: int, endpoint_url: str = ""
+) -> tuple[Dataset, Dataset | None, list[str]]:
+    """(labeled, unlabeled or None, labeled ids) of the train split per ``data.labeled_*``.
+
+    ``labeled_ids`` names a file of ids (every one must exist in the split);
+    ``labeled_count`` draws that many with ``seed``. Synthetic data may instead add
+    ``synthetic_unlabeled_images`` frames of another domain as the unlabeled set.
+    """
+    from segrl.data.labels import DataError
+
+    if cfg.dataset == "synthetic" and cfg.synthetic_unlabeled_images:
+        from segrl.data.synthetic import SyntheticScenes
+
+        unlabeled = SyntheticScenes(
+            cfg.synthetic_unlabeled_images, size=tuple(cfg.synthetic_size),
+            domain=cfg.synthetic_unlabeled_domain, seed=cfg.synthetic_seed, split="unlabeled",
+            transform=train_set.transform,
+        )
+        return train_set, unlabeled, dataset_ids(train_set)
+    if not (cfg.labeled_ids or cfg.labeled_count):
+        return train_set, None, dataset_ids(train_set)
+    ids = dataset_ids(train_set)
+    if cfg.labeled_ids:
+        from segrl.data.manifest import read_bytes
+
+        wanted = [line.strip() for line in read_bytes(cfg.labeled_ids, endpoint_url or None).decode().splitlines()
+                  if line.strip()]
+        position = {sample_id: i for i, sample_id in enumerate(ids)}
+        missing = [w for w in wanted if w not in position]
+        if missing:
+            raise DataError(f"data.labeled_ids file {cfg.labeled_ids} lists id {missing[0]!r} "
+                            f"that is not in split '{cfg.train_split}' ({len(missing)} unknown in all)")
+        chosen = sorted(position[w] for w in dict.fromkeys(wanted))
+    else:
+        if cfg.labeled_count > len(ids):
+            raise DataError(f"data.labeled_count = {cfg.labeled_count} exceeds the {len(ids)} images "
+                            f"of split '{cfg.train_split}'")
+        import numpy as np
+
+        chosen = sorted(np.random.default_rng(seed).permutation(len(ids))[: cfg.labeled_count].tolist())
+    rest = sorted(set(range(len(ids))) - set(chosen))
+    unlabeled = SplitView(train_set, rest) if rest else None
+    return SplitView(train_set, chosen), unlabeled, [ids[i] for i in chosen]

@@ -209,7 +209,7 @@ def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
         raise DataError(f"{uri}: not a readable image ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{uri}: cannot decode image ({exc})") from None
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # writable: torch wraps it without copying
 
 
 def load_pool_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:

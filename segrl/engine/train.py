@@ -36,6 +36,7 @@ from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+LABELED_IDS_FILE = "labeled_ids.txt"
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.eval_every_epochs")
 
@@ -106,15 +107,22 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def train(cfg: ExperimentConfig) -> TrainSummary:
-    """Train ``cfg``'s model on Ray Train and write checkpoints and metrics to the store."""
+def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSummary:
+    """Train ``cfg``'s model on Ray Train and write checkpoints and metrics to the store.
+
+    ``callbacks`` are Ray Train user callbacks, e.g. Tune's ``TuneReportCallback`` when a
+    sweep trial drives this run.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_local_paths(cfg)
-    preflight(cfg)
+    labeled_ids = preflight(cfg)
     store = run_store(cfg)
     record_config(store, cfg)
+    if labeled_ids is not None:
+        # The fixed labeled/unlabeled split of this run, for reproduction and comparison.
+        store.write_text(LABELED_IDS_FILE, "\n".join(labeled_ids) + "\n")
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)
     trainer = TorchTrainer(
@@ -131,6 +139,7 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
             storage_filesystem=store.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()
@@ -144,7 +153,7 @@ def train(cfg: ExperimentConfig) -> TrainSummary:
     return TrainSummary(run_uri=store.uri(), checkpoint_uri=checkpoint_uri, metrics=metrics)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig) -> list[str] | None:
     """Fail on the driver, before anything is written, on what is cheap to check.
 
     Index both splits (missing root, images without labels), decode their first
@@ -152,10 +161,11 @@ def preflight(cfg: ExperimentConfig) -> None:
     weights (a file of another architecture). Problems found later in the run
     (a corrupt frame deep in the set) fail the run with the same named errors.
     """
-    from segrl.data.build import build_dataset
+    from segrl.data.build import build_dataset, split_labeled
     from segrl.models import build_model
 
     endpoint = cfg.store.endpoint_url or None
+    labeled_ids: list[str] | None = None
     classes: tuple[str, ...] = ()
     for split, augment in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
         dataset = build_dataset(cfg.data, split, train=augment, endpoint_url=cfg.store.endpoint_url)
@@ -163,7 +173,12 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"data split '{split}' of {cfg.data.dataset} at {cfg.data.root!r} is empty")
         dataset[0]
         classes = tuple(dataset.classes)
+        if augment:
+            labeled, unlabeled, ids = split_labeled(cfg.data, dataset, cfg.train.seed, cfg.store.endpoint_url)
+            if unlabeled is not None:
+                labeled_ids = ids
     build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
+    return labeled_ids
 
 
 def final_metrics(checkpoint: Any) -> dict[str, Any]:
@@ -179,11 +194,12 @@ def final_metrics(checkpoint: Any) -> dict[str, Any]:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker loop: one DDP rank of supervised training."""
+    """Ray Train worker loop: one DDP rank of training with the configured recipe."""
     import ray.train
     import ray.train.torch
 
-    from segrl.data.build import build_dataset
+    from segrl.data.build import build_dataset, split_labeled
+    from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
     from segrl.models import build_model
     from segrl.training import (
@@ -192,10 +208,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         amp_settings,
         build_optimizer,
         build_scheduler,
+        cycle_batches,
         evaluate_confusion,
         load_training_state,
         make_loader,
-        supervised_step,
+        recipe_step,
         unwrap,
     )
 
@@ -209,6 +226,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     endpoint = cfg.store.endpoint_url
 
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, endpoint_url=endpoint)
+    train_set, unlabeled_set, _ = split_labeled(cfg.data, train_set, tcfg.seed, endpoint)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, endpoint_url=endpoint)
     classes = tuple(train_set.classes)
     ignore = train_set.ignore_index
@@ -229,6 +247,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, total_steps, tcfg)
     amp_dtype, scaler = amp_settings(device, tcfg.amp)
     ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler)
+    recipe = build_recipe(cfg.method, model, _class_counts(cfg, train_set), ignore, tcfg.seed + rank)
+    if recipe.needs_unlabeled and unlabeled_set is None:
+        raise ConfigError(
+            f"method.name '{cfg.method.name}' needs unlabeled images: set data.labeled_count, "
+            "data.labeled_ids or (synthetic) data.synthetic_unlabeled_images"
+        )
+    unlabeled_batches = (
+        cycle_batches(unlabeled_set, tcfg.batch_size, rank, world, tcfg.seed + 1, cfg.data.loader_workers)
+        if recipe.needs_unlabeled else None
+    )
 
     step, history, start_step = 0, [], 0
     restored = ray.train.get_checkpoint()
@@ -238,6 +266,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("recipe"):
+            recipe.load_state_dict(state["recipe"])
         step = start_step = state["step"]
         history = list(state["metrics"].get("history", []))
         if rank == 0:
@@ -251,7 +281,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 from segrl.training import save_training_state
 
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
-                                    dict(metrics, history=history, classes=list(classes)))
+                                    dict(metrics, history=history, classes=list(classes)),
+                                    recipe.state_dict())
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -262,8 +293,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         train_sampler.set_epoch(epoch, start=offset * tcfg.batch_size)
         loader = make_loader(train_set, tcfg.batch_size, train_sampler, cfg.data.loader_workers, drop_last=True)
         loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
+        term_sums: dict[str, float] = {}
         for batch in loader:
-            loss_sum += supervised_step(ctx, batch)
+            batch_u = next(unlabeled_batches) if unlabeled_batches is not None else None
+            losses = recipe_step(ctx, recipe, batch, batch_u, epoch)
+            recipe.after_step(model, step)
+            for name, value in losses.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value
+            loss_sum += losses["loss"]
             loss_count += 1
             images += batch["image"].shape[0]
             step += 1
@@ -278,11 +315,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "loss": loss_sum / max(loss_count, 1),
             "images_per_s": images * world / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
+            **{name: value / max(loss_count, 1) for name, value in term_sums.items() if name != "loss"},
         }
         last_epoch = epoch + 1 == tcfg.epochs
         if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
             val_loader = make_loader(val_set, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
-            conf = evaluate_confusion(model, val_loader, len(classes), device, ignore, distributed=world > 1)
+            conf = evaluate_confusion(recipe.eval_model(model), val_loader, len(classes), device, ignore,
+                                      distributed=world > 1)
             ious = iou_per_class(conf)
             summary.update(
                 val_miou=mean_iou(conf),
@@ -297,6 +336,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(_epoch_line(summary, tcfg.epochs, step), flush=True)
         checkpoint_and_report(epoch + 1, summary)
+
+
+def _class_counts(cfg: ExperimentConfig, labeled: Any) -> torch.Tensor | None:
+    """Labeled pixels per class, for Balanced ClassMix's tail bias (one pass over the masks)."""
+    if not cfg.method.classmix:
+        return None
+    counts = torch.zeros(len(labeled.classes), dtype=torch.int64)
+    for i in range(len(labeled)):
+        mask = labeled[i]["mask"]
+        mask = mask[mask != labeled.ignore_index]
+        counts += torch.bincount(mask.flatten(), minlength=len(counts))[: len(counts)]
+    return counts
 
 
 def _finite(value: float) -> float | None:

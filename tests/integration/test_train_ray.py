@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -130,3 +131,24 @@ def test_killed_worker_is_replaced_and_restored_from_checkpoint(tmp_path):
     # The attempt that finished began from a checkpoint, not from step 0.
     assert metrics["start_step"] > 0
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+
+
+def test_mean_teacher_with_balanced_classmix_trains_on_two_workers(tmp_path):
+    """S4AL's recipe through the same DDP loop: every term finite, loss down, teacher saved."""
+    import torch
+
+    cfg = tiny_config(
+        tmp_path, "name=mean_teacher", "train.epochs=3", "method.name=mean_teacher",
+        "method.cold_start_epochs=1", "method.classmix=true", "method.replay_buffer=8",
+        "data.synthetic_unlabeled_images=16", "data.synthetic_size=[48,64]", "data.crop_size=[48,64]",
+    )
+    summary = train(cfg)
+    history = summary.metrics["history"]
+    assert "loss_u" not in history[0]  # cold start: supervised only
+    for epoch in history[1:]:
+        assert all(math.isfinite(epoch[k]) for k in ("loss", "loss_x", "loss_u", "loss_mix"))
+    assert history[-1]["loss_x"] < history[0]["loss_x"]
+    last = sorted((tmp_path / "mean_teacher" / "train").glob("ckpt_*"))[-1]
+    state = torch.load(last / "checkpoint.pt", weights_only=True)
+    assert set(state["recipe"]) == {"teacher", "buffer"}
+    assert state["recipe"]["teacher"]["model"].keys() == state["model"].keys()

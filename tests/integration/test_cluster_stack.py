@@ -1,0 +1,116 @@
+"""The cluster path end to end: the local stack (Ray head with token auth + SeaweedFS),
+`ray job submit` of a training job whose artifacts all land in S3, and training with DDP
+workers spread over two nodes giving the same result as on one node."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["data.synthetic_train_images=16", "data.synthetic_val_images=4", "data.synthetic_size=[48,64]",
+        "data.crop_size=[48,64]", "train.batch_size=4", "train.epochs=2", "train.log_every_steps=1000",
+        "compute.cpus_per_worker=0.5", "compute.threads_per_worker=1"]
+
+
+def exports_to_env(exports: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment after evaluating local_up.sh's export lines in a shell."""
+    out = subprocess.run(["bash", "-c", f"{exports}\nenv -0"], env=base, capture_output=True,
+                         check=True)
+    pairs = (item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+    return dict(pairs)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    base.update(SEGRL_STACK_DIR=str(tmp_path / "stack"), SEGRL_STACK_CPUS="2",
+                SEGRL_STACK_BUCKET="segrl-ci")
+    up = subprocess.run(["bash", "cluster/local_up.sh"], cwd=REPO, env=base, capture_output=True,
+                        text=True, timeout=300)
+    assert up.returncode == 0, f"local_up.sh failed:\n{up.stderr[-3000:]}"
+    try:
+        yield exports_to_env(up.stdout, base)
+    finally:
+        down = subprocess.run(["bash", "cluster/local_down.sh"], cwd=REPO, env=base,
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+
+
+def test_submitted_training_job_writes_every_artifact_to_s3_and_no_secret_to_logs(stack):
+    import boto3
+
+    secret = stack["AWS_SECRET_ACCESS_KEY"]
+    assert secret and stack["RAY_AUTH_MODE"] == "token"
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--",
+         "python", "jobs/train.py", "name=stack_job", "compute.num_workers=2",
+         "store.root=s3://segrl-ci/runs", *TINY],
+        cwd=REPO, env=stack, capture_output=True, text=True, timeout=900,
+    )
+    transcript = submit.stdout + submit.stderr
+    print(transcript[-4000:])
+    assert submit.returncode == 0, transcript[-4000:]
+    assert "SUCCEEDED" in transcript
+    job_id = re.search(r"(raysubmit_\w+)", transcript).group(1)
+
+    s3 = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=stack["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="segrl-ci", Prefix="runs/")["Contents"]]
+    print("\n".join(keys))
+    assert "runs/stack_job/config.yaml" in keys and "runs/stack_job/metrics.json" in keys
+    assert any(re.fullmatch(r"runs/stack_job/train/ckpt_\d{8}/checkpoint\.pt", k) for k in keys)
+    metrics = json.loads(s3.get_object(Bucket="segrl-ci", Key="runs/stack_job/metrics.json")["Body"].read())
+    assert metrics["epoch"] == 2
+
+    # No credential in the job's logs, its metadata or the saved config.
+    logs = subprocess.run(["ray", "job", "logs", job_id], cwd=REPO, env=stack, capture_output=True,
+                          text=True, timeout=120).stdout
+    status = subprocess.run(["ray", "job", "list"], cwd=REPO, env=stack, capture_output=True,
+                            text=True, timeout=120).stdout
+    config = s3.get_object(Bucket="segrl-ci", Key="runs/stack_job/config.yaml")["Body"].read().decode()
+    for text in (transcript, logs, status, config):
+        assert secret not in text
+
+
+def test_token_auth_refuses_a_client_without_the_token(stack):
+    env = {k: v for k, v in stack.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    env["HOME"] = stack.get("HOME", "/tmp")  # ~/.ray/auth_token of this user is not the stack's
+    listing = subprocess.run(["ray", "job", "list"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert listing.returncode != 0
+
+
+def test_two_node_training_matches_one_node(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from segrl.config import load_config
+    from segrl.engine.train import train
+
+    def run(root: Path):
+        return train(load_config(overrides=[*TINY, "name=spread", "compute.num_workers=2",
+                                            "compute.cpus_per_worker=1", f"store.root={root}"]))
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        spread = run(tmp_path / "two_nodes")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        single = run(tmp_path / "one_node")
+    finally:
+        ray.shutdown()
+    losses = [h["loss"] for h in spread.metrics["history"]]
+    assert losses == pytest.approx([h["loss"] for h in single.metrics["history"]], rel=1e-4)
+    assert spread.metrics["val_miou"] == pytest.approx(single.metrics["val_miou"], abs=1e-4)

@@ -1,0 +1,102 @@
+"""Training recipes in a plain process: the terms they add, the teacher, the data splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segrl.config import MethodConfig, load_config
+from segrl.data.build import build_dataset, split_labeled
+from segrl.data.labels import DataError
+from segrl.methods.recipes import MeanTeacherRecipe, SupervisedRecipe, build_recipe, strong_views
+from segrl.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def batch(n: int = 2, h: int = 32, w: int = 40, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, h, w, generator=g),
+            "mask": torch.randint(0, 4, (n, h, w), generator=g)}
+
+
+def test_strong_views_keep_shape_and_mark_cutout_pixels():
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 32, 40)
+    views, cut = strong_views(images)
+    assert views.shape == images.shape and cut.shape == (6, 32, 40) and cut.dtype == torch.bool
+    assert cut.any()  # with p=0.5 over six images, some cutout happened (fixed seed)
+    # Cutout pixels are painted with the normalised mean colour (0).
+    assert torch.all(views.permute(0, 2, 3, 1)[cut] == 0)
+
+
+def test_supervised_recipe_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    x = batch()
+    out = SupervisedRecipe().losses(model, x, None, epoch=0)
+    expected = torch.nn.functional.cross_entropy(model(x["image"]), x["mask"])
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mean_teacher_cold_start_then_all_terms():
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    cfg = MethodConfig(name="mean_teacher", cold_start_epochs=1, classmix=True, replay_buffer=4)
+    recipe = build_recipe(cfg, model, torch.tensor([1000, 100, 10, 1]), 255, seed=0)
+    assert isinstance(recipe, MeanTeacherRecipe)
+    cold = recipe.losses(model, batch(), batch(seed=1), epoch=0)
+    assert set(cold) == {"loss", "loss_x"}
+    warm = recipe.losses(model, batch(), batch(seed=1), epoch=1)
+    assert {"loss_x", "loss_u", "loss_mix"} <= set(warm)
+    assert torch.isfinite(warm["loss"]) and warm["loss"].requires_grad
+    expected = warm["loss_x"] + cfg.lambda_u * warm["loss_u"] + cfg.lambda_mix * warm["loss_mix"]
+    assert warm["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert len(recipe.buffer) == 2  # the unlabeled batch went into the replay buffer
+
+
+def test_teacher_follows_the_student_and_is_what_is_evaluated():
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    recipe = MeanTeacherRecipe(model, MethodConfig(name="mean_teacher", ema_momentum=0.5))
+    assert recipe.eval_model(model) is recipe.teacher.model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = next(recipe.teacher.model.parameters()).clone()
+    recipe.after_step(model, step=5)  # m_5 = min(1 - 1/6, 0.5) = 0.5
+    after = next(recipe.teacher.model.parameters())
+    assert torch.allclose(after, before + 0.5)
+    restored = MeanTeacherRecipe(build_model("lraspp_mobilenet_v3_large", 4), MethodConfig(name="mean_teacher"))
+    restored.load_state_dict(recipe.state_dict())
+    assert torch.equal(next(restored.teacher.model.parameters()), after)
+
+
+def test_labeled_count_and_id_file_split_the_train_split(tmp_path):
+    cfg = load_config(overrides=["data.synthetic_train_images=10", "data.labeled_count=3"])
+    train = build_dataset(cfg.data, "train", train=True)
+    labeled, unlabeled, ids = split_labeled(cfg.data, train, seed=0)
+    assert len(labeled) == 3 and len(unlabeled) == 7 and len(ids) == 3
+    assert split_labeled(cfg.data, train, seed=0)[2] == ids  # fixed by the seed
+    (tmp_path / "ids.txt").write_text(f"{ids[0]}\n{ids[2]}\n")
+    cfg2 = load_config(overrides=["data.synthetic_train_images=10", f"data.labeled_ids={tmp_path / 'ids.txt'}"])
+    labeled2, unlabeled2, ids2 = split_labeled(cfg2.data, train, seed=5)
+    assert sorted(ids2) == sorted([ids[0], ids[2]]) and len(unlabeled2) == 8
+    (tmp_path / "bad.txt").write_text("nope\n")
+    cfg3 = load_config(overrides=["data.synthetic_train_images=10", f"data.labeled_ids={tmp_path / 'bad.txt'}"])
+    with pytest.raises(DataError, match="'nope'"):
+        split_labeled(cfg3.data, train, seed=0)
+
+
+def test_synthetic_unlabeled_frames_come_from_the_other_domain():
+    cfg = load_config(overrides=["data.synthetic_train_images=4", "data.synthetic_unlabeled_images=6"])
+    train = build_dataset(cfg.data, "train", train=True)
+    labeled, unlabeled, _ = split_labeled(cfg.data, train, seed=0)
+    assert len(labeled) == 4 and len(unlabeled) == 6 and unlabeled.domain == "target"
+
+
+def test_unknown_method_is_rejected_by_name():
+    from segrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.name"):
+        load_config(overrides=["method.name=fixmatch"])
