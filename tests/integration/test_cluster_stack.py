@@ -57,7 +57,7 @@ def test_submitted_training_job_writes_every_artifact_to_s3_and_no_secret_to_log
     transcript = submit.stdout + submit.stderr
     print(transcript[-4000:])
     assert submit.returncode == 0, transcript[-4000:]
-    assert "SUCCEEDED" in transcript
+    assert re.search(r"Job .raysubmit_\w+. succeeded", transcript)
     job_id = re.search(r"(raysubmit_\w+)", transcript).group(1)
 
     s3 = boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL"], region_name="us-east-1",

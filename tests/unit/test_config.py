@@ -117,5 +117,7 @@ def test_replace_with_dotted_keys_leaves_original_untouched():
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from segrl.config import ScoreConfig
+
     for path in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")):
-        load_config(path)
+        load_config(path, cls=ScoreConfig if path.name.startswith("score_") else ExperimentConfig)
