@@ -10,7 +10,7 @@
 set -euo pipefail
 
 STATE="${SEGRL_STACK_DIR:-$HOME/.segrl-stack}"
-RAY_GRACE_S=30
+RAY_GRACE_S=10
 WEED_GRACE_S=15
 
 log() { printf 'local_down: %s\n' "$*" >&2; }

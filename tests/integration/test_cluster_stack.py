@@ -95,7 +95,7 @@ def test_two_node_training_matches_one_node(tmp_path):
     from segrl.engine.train import train
 
     def run(root: Path):
-        return train(load_config(overrides=[*TINY, "name=spread", "compute.num_workers=2",
+        return train(load_config(overrides=[*TINY, "name=spread", "compute.num_workers=2", "train.epochs=1",
                                             "compute.cpus_per_worker=1", f"store.root={root}"]))
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

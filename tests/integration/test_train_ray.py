@@ -72,10 +72,14 @@ def test_two_workers_learn_checkpoint_and_resume(tmp_path):
 
 
 def test_rerun_with_incompatible_config_is_refused(tmp_path):
-    train(tiny_config(tmp_path, "name=locked", "train.epochs=1", "compute.num_workers=1",
-                      "compute.cpus_per_worker=1"))
+    from segrl.engine.train import record_config, run_store
+
+    first = tiny_config(tmp_path, "name=locked", "train.epochs=1")
+    record_config(run_store(first), first)  # what a started run leaves in the store
     with pytest.raises(ConfigError, match="model.arch"):
         train(tiny_config(tmp_path, "name=locked", "model.arch=deeplabv3_mobilenet_v3_large"))
+    # Training longer is not a different run.
+    record_config(run_store(first), tiny_config(tmp_path, "name=locked", "train.epochs=3"))
 
 
 def registered_checkpoints(root: Path, run: str) -> list[str]:
