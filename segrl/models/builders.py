@@ -11,6 +11,9 @@ from torch import nn
 from torchvision.models import segmentation as tvseg
 
 
+BATCHNORM_MOMENTUM = 0.1
+
+
 class WeightsError(ValueError):
     """A weights file is missing, unreadable, or made for another architecture."""
 
@@ -100,6 +103,12 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     net = SegmentationNet(arch, ARCHITECTURES[arch](num_classes), num_classes)
+    # torchvision's MobileNetV3 uses BatchNorm momentum 0.01, tuned for long ImageNet runs:
+    # after a few hundred steps from scratch its running statistics still remember the
+    # random init, and the eval-mode model predicts one class. 0.1 tracks within ~50 steps.
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = BATCHNORM_MOMENTUM
     if weights:
         load_weights(net, weights, endpoint_url)
     return net

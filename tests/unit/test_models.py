@@ -91,3 +91,9 @@ def test_weights_from_s3(s3_env, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(net(x), source(x))
+
+
+def test_batchnorm_tracks_statistics_quickly_for_short_runs_from_scratch():
+    net = build_model("lraspp_mobilenet_v3_large", 3)
+    momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.1}
