@@ -78,6 +78,21 @@ def test_submitted_training_job_writes_every_artifact_to_s3_and_no_secret_to_log
     for text in (transcript, logs, status, config):
         assert secret not in text
 
+    # A scoring job reads those checkpoints from S3 and writes its tables back to S3.
+    score = subprocess.run(
+        ["ray", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--",
+         "python", "jobs/score_pool.py", "pool=synthetic://target?n=64&size=48x64",
+         "checkpoints=s3://segrl-ci/runs/stack_job/train", "out=s3://segrl-ci/runs/stack_job/score",
+         "regions_top_r=2"],
+        cwd=REPO, env=stack, capture_output=True, text=True, timeout=600,
+    )
+    print(score.stdout[-2000:])
+    assert score.returncode == 0, (score.stdout + score.stderr)[-4000:]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="segrl-ci", Prefix="runs/stack_job/score/")["Contents"]]
+    for name in ("scores.parquet", "errors.parquet", "regions.parquet", "score_summary.json"):
+        assert f"runs/stack_job/score/{name}" in keys
+    assert secret not in score.stdout + score.stderr
+
 
 def test_token_auth_refuses_a_client_without_the_token(stack):
     env = {k: v for k, v in stack.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
