@@ -147,9 +147,11 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
         raise RuntimeError(f"training of run '{cfg.run_name}' ended without a checkpoint")
     checkpoint_uri = store.uri(f"{TRAIN_DIR}/{os.path.basename(result.checkpoint.path)}")
     metrics = final_metrics(result.checkpoint)
-    store.write_json(METRICS_FILE, metrics)
-    if "table" in metrics:
-        store.write_text("metrics.md", metrics["table"] + "\n")
+    finished_before = metrics.get("start_step") == metrics.get("step") and store.exists(METRICS_FILE)
+    if not finished_before:  # a rerun of a finished run trains nothing and rewrites nothing
+        store.write_json(METRICS_FILE, metrics)
+        if "table" in metrics:
+            store.write_text("metrics.md", metrics["table"] + "\n")
     return TrainSummary(run_uri=store.uri(), checkpoint_uri=checkpoint_uri, metrics=metrics)
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation as tvseg
 
-
 BATCHNORM_MOMENTUM = 0.1
 
 
