@@ -437,18 +437,20 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def absolute_local_path(path: str) -> str:
+    """``path`` made absolute against the current folder; URIs (``s3://``) and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with local relative paths made absolute against the current folder.
 
     Ray workers do not run in the driver's folder, so ``data.root=../data`` must be
     resolved where the user typed it. URIs (``s3://``) are left as they are.
     """
-
-    def absolute(path: str) -> str:
-        if not path or "://" in path:
-            return path
-        return str(Path(path).expanduser().resolve())
-
+    absolute = absolute_local_path
     return replace(
         cfg,
         **{

@@ -102,12 +102,6 @@ def inspect_checkpoints(uri: str, endpoint_url: str | None = None) -> Checkpoint
     return CheckpointInfo(tuple(uris), arch, classes, _training_size(first["config"]))
 
 
-def _batched_stability(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    from segrl.acquisition import stability
-
-    return stability(preds, num_classes)
-
-
 class PoolScorer:
     """Runs K checkpoints on uint8 frames and returns per-image rows (see module doc)."""
 
@@ -163,6 +157,7 @@ class PoolScorer:
             class_histogram,
             confident_share,
             mean_max_prob,
+            stability,
         )
 
         probs_k = self.probabilities(images)
@@ -179,7 +174,7 @@ class PoolScorer:
                 out["confident_share"] = confident_share(probs, self.cfg.confidence_tau).cpu().numpy()
             elif name == "stability":
                 preds = probs_k.argmax(2)
-                stab = _batched_stability(preds, self.num_classes).cpu().numpy()
+                stab = stability(preds, self.num_classes).cpu().numpy()
                 out["stability"] = stab
                 out["instability"] = 1.0 - stab
         out["class_hist"] = class_histogram(pred, self.num_classes).cpu().numpy()

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segrl.config import TrainConfig
-from segrl.losses import cross_entropy
 from segrl.metrics import all_reduce_confusion, confusion_matrix
 
 # Run layout: <run>/train/ckpt_<step>/checkpoint.pt
@@ -132,28 +131,6 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, None
     return torch.float16, torch.amp.GradScaler("cuda")
-
-
-def supervised_step(ctx: StepContext, batch: dict[str, Any]) -> float:
-    """One optimiser step of pixel cross-entropy on a labeled batch; returns the loss."""
-    images = batch["image"].to(ctx.device, non_blocking=True)
-    masks = batch["mask"].to(ctx.device, non_blocking=True)
-    with torch.autocast(
-        device_type=ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
-        enabled=ctx.amp_dtype is not None,
-    ):
-        logits = ctx.model(images)
-    loss = cross_entropy(logits, masks, ignore_index=ctx.ignore_index)
-    ctx.optimizer.zero_grad(set_to_none=True)
-    if ctx.scaler is not None:
-        ctx.scaler.scale(loss).backward()
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
-    else:
-        loss.backward()
-        ctx.optimizer.step()
-    ctx.scheduler.step()
-    return float(loss.detach())
 
 
 def recipe_step(

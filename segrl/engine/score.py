@@ -19,7 +19,6 @@ lost cannot produce duplicate rows. When every shard is committed the parts are 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from segrl.config import ConfigError, ScoreConfig, replace, to_dict
+from segrl.config import ConfigError, ScoreConfig, absolute_local_path, replace, to_dict
 from segrl.data.labels import DataError
 from segrl.storage import ArtifactStore, open_store
 
@@ -289,14 +288,11 @@ _EMPTY = {
 
 
 def _absolute(cfg: ScoreConfig) -> ScoreConfig:
-    def absolute(path: str) -> str:
-        if not path or "://" in path:
-            return path
-        return os.path.abspath(os.path.expanduser(path))
-
-    return replace(cfg, pool=absolute(cfg.pool), checkpoints=absolute(cfg.checkpoints),
-                   out=absolute(cfg.out),
-                   pseudo_labels=cfg.pseudo_labels if cfg.pseudo_labels in ("", "all") else absolute(cfg.pseudo_labels))
+    """Local relative paths resolved where the user typed them (actors run elsewhere)."""
+    pseudo = cfg.pseudo_labels
+    return replace(cfg, pool=absolute_local_path(cfg.pool), checkpoints=absolute_local_path(cfg.checkpoints),
+                   out=absolute_local_path(cfg.out),
+                   pseudo_labels=pseudo if pseudo in ("", "all") else absolute_local_path(pseudo))
 
 
 def _check_fingerprint(store: ArtifactStore, cfg: ScoreConfig) -> None:
