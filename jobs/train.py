@@ -20,19 +20,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment YAML (default: built-in synthetic config)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
     args = parser.parse_args(argv)
+    from segrl.engine.selftrain import run_self_training
     from segrl.engine.train import train
     from segrl.storage import StoreError
 
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg)
+        # st / st_pp are pipelines of several training runs and scoring passes
+        summary = run_self_training(cfg) if cfg.method.name in ("st", "st_pp") else train(cfg)
     except (ConfigError, StoreError, ValueError, FileNotFoundError) as exc:
         # Bad input found before training started: nothing was written to the store.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.metrics.get("table", ""))
     print(f"run:        {summary.run_uri}")
-    print(f"checkpoint: {summary.checkpoint_uri}")
+    if hasattr(summary, "checkpoint_uri"):
+        print(f"checkpoint: {summary.checkpoint_uri}")
+    else:
+        for stage, result in summary.stages.items():
+            print(f"stage {stage}: {result}")
     print(f"metrics:    {summary.run_uri.rstrip('/')}/metrics.json")
     return 0
 

@@ -54,6 +54,17 @@ class DataConfig:
     labeled_count: int = 0  # or: this many labeled images, drawn with train.seed; 0 = all
     synthetic_unlabeled_images: int = 0  # synthetic only: extra unlabeled frames ...
     synthetic_unlabeled_domain: str = "target"  # ... in this domain (source or target)
+    synthetic_val_domain: str = ""  # synthetic only: evaluate on this domain; empty = synthetic_domain
+    # Other sources of training images (manifests: id, image_uri, label_uri in train ids, 255 = none).
+    labeled_manifest: str = ""  # labeled set from this manifest instead of the train split (the loop's)
+    unlabeled_pool: str = ""  # unlabeled images from any pool: manifest, folder or synthetic://
+    pseudo_manifest: str = ""  # unlabeled images with offline pseudo labels (ST / ST++ students)
+    # Domain adaptation on one dataset: train ids starting with a target prefix are the target.
+    target_prefixes: tuple[str, ...] = ()  # e.g. ["0001TP"]: CamVid dusk; the rest is the source
+    target_eval_count: int = 0  # target frames held out (fixed draw) and evaluated instead of val
+    target_labeled_count: int = 0  # target frames that keep their labels (the rest: unlabeled)
+    # Per batch: labeled source : labeled target : unlabeled (relative to train.batch_size).
+    batch_ratio: tuple[float, ...] = (1.0, 0.0, 1.0)
 
     def validate(self) -> None:
         _one_of("data.dataset", self.dataset, ("synthetic", "camvid", "cityscapes", "manifest"))
@@ -76,6 +87,22 @@ class DataConfig:
             _fail("data.labeled_count", self.labeled_count, "cannot be combined with data.labeled_ids")
         _at_least("data.synthetic_unlabeled_images", self.synthetic_unlabeled_images, 0)
         _one_of("data.synthetic_unlabeled_domain", self.synthetic_unlabeled_domain, ("source", "target"))
+        if self.synthetic_val_domain:
+            _one_of("data.synthetic_val_domain", self.synthetic_val_domain, ("source", "target"))
+        _at_least("data.target_eval_count", self.target_eval_count, 0)
+        _at_least("data.target_labeled_count", self.target_labeled_count, 0)
+        if (self.target_eval_count or self.target_labeled_count) and not self.target_prefixes:
+            _fail("data.target_prefixes", list(self.target_prefixes),
+                  "must name the target sequences when target_eval_count or target_labeled_count is set")
+        if self.target_prefixes and (self.labeled_ids or self.labeled_count or self.labeled_manifest):
+            _fail("data.target_prefixes", list(self.target_prefixes),
+                  "cannot be combined with data.labeled_ids / labeled_count / labeled_manifest")
+        if len(self.batch_ratio) != 3 or min(self.batch_ratio) < 0 or self.batch_ratio[0] + self.batch_ratio[1] <= 0:
+            _fail("data.batch_ratio", list(self.batch_ratio),
+                  "must be [labeled source, labeled target, unlabeled] >= 0 with some labeled share")
+        if self.labeled_manifest and (self.labeled_ids or self.labeled_count):
+            _fail("data.labeled_manifest", self.labeled_manifest,
+                  "cannot be combined with data.labeled_ids / labeled_count")
 
 
 @dataclass(frozen=True)
@@ -108,6 +135,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     keep_checkpoints: int = 3
+    snapshots: int = 0  # K model-only snapshots at evenly spaced steps (ST++ stability); 0 = none
     class_weighting: str = "none"  # none | inverse_sqrt_frequency
     log_every_steps: int = 20
     seed: int = 0
@@ -124,15 +152,23 @@ class TrainConfig:
         _at_least("train.eval_every_epochs", self.eval_every_epochs, 1)
         _at_least("train.checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("train.snapshots", self.snapshots, 0)
         _one_of("train.class_weighting", self.class_weighting, ("none", "inverse_sqrt_frequency"))
         _at_least("train.log_every_steps", self.log_every_steps, 1)
 
 
+METHODS = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill", "st", "st_pp")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """The training recipe and the weights of its loss terms (see segrl.methods.recipes)."""
+    """The training recipe and the weights of its loss terms (see segrl.methods.recipes).
 
-    name: str = "supervised"  # supervised | mean_teacher
+    ``st`` and ``st_pp`` are multi-stage pipelines (segrl.engine.selftrain) whose student
+    stages run the ``pseudo_label`` recipe; the others are one Ray Train run each.
+    """
+
+    name: str = "supervised"  # supervised | mean_teacher | pseudo_label | proda | distill | st | st_pp
     lambda_u: float = 1.0  # weight of the pseudo-label loss on unlabeled images
     ema_momentum: float = 0.99  # teacher momentum m, warmed up as min(1 - 1/(t+1), m)
     cold_start_epochs: int = 1  # supervised-only epochs before the unlabeled terms start
@@ -142,9 +178,31 @@ class MethodConfig:
     lambda_mix: float = 1.0
     classmix_temperature: float = 0.5  # tail bias: p_c ~ freq_c^-T (0 = plain ClassMix)
     replay_buffer: int = 0  # unlabeled images kept for mixing with later batches; 0 = none
+    # STAL pixel contrastive term (any recipe; 0 = off) and its class-wise confidence bank.
+    lambda_contrastive: float = 0.0
+    contrastive_temperature: float = 0.5
+    contrastive_threshold: float = 0.9  # anchors: labeled pixels, or pseudo labels this confident
+    contrastive_anchors: int = 64  # anchors per class and step (scaled by tail sampling)
+    contrastive_negatives: int = 128  # negatives per anchor, from the memory bank
+    contrastive_memory: int = 512  # embeddings kept per class in the memory bank
+    projection_dim: int = 128
+    tail_sampling: bool = True  # anchors per class ~ softmax(1 - class confidence) (STAL)
+    confidence_bank_alpha: float = 0.999
+    # Output-space adversarial alignment (AdaptSegNet, as LabOR uses it; any recipe; 0 = off).
+    lambda_adv: float = 0.0
+    discriminator_lr: float = 1e-4
+    # ProDA: prototype-rectified soft pseudo labels and target structure learning.
+    proda_temperature: float = 1.0  # softmax(-distance / T) over prototypes
+    prototype_momentum: float = 0.99
+    lambda_structure: float = 0.1  # KL between weak and strong prototype assignments
+    # distill (ProDA's last stage): a fresh student learns a trained teacher's soft labels.
+    teacher_weights: str = ""  # weights of the teacher (local or s3://); distill only
+    # ST / ST++ (Yang et al., CVPR 2022)
+    checkpoints_k: int = 3  # ST++: teacher snapshots whose agreement is the stability score
+    reliable_ratio: float = 0.5  # ST++: share R of most stable unlabeled images in stage 1
 
     def validate(self) -> None:
-        _one_of("method.name", self.name, ("supervised", "mean_teacher"))
+        _one_of("method.name", self.name, METHODS)
         _at_least("method.lambda_u", self.lambda_u, 0.0)
         if not 0 <= self.ema_momentum <= 1:
             _fail("method.ema_momentum", self.ema_momentum, "must be in [0, 1]")
@@ -154,6 +212,27 @@ class MethodConfig:
         _at_least("method.lambda_mix", self.lambda_mix, 0.0)
         _at_least("method.classmix_temperature", self.classmix_temperature, 0.0)
         _at_least("method.replay_buffer", self.replay_buffer, 0)
+        _at_least("method.lambda_contrastive", self.lambda_contrastive, 0.0)
+        _positive("method.contrastive_temperature", self.contrastive_temperature)
+        if not 0 <= self.contrastive_threshold <= 1:
+            _fail("method.contrastive_threshold", self.contrastive_threshold, "must be in [0, 1]")
+        _at_least("method.contrastive_anchors", self.contrastive_anchors, 1)
+        _at_least("method.contrastive_negatives", self.contrastive_negatives, 1)
+        _at_least("method.contrastive_memory", self.contrastive_memory, 1)
+        _at_least("method.projection_dim", self.projection_dim, 1)
+        if not 0 <= self.confidence_bank_alpha < 1:
+            _fail("method.confidence_bank_alpha", self.confidence_bank_alpha, "must be in [0, 1)")
+        _at_least("method.lambda_adv", self.lambda_adv, 0.0)
+        _positive("method.discriminator_lr", self.discriminator_lr)
+        _positive("method.proda_temperature", self.proda_temperature)
+        if not 0 <= self.prototype_momentum < 1:
+            _fail("method.prototype_momentum", self.prototype_momentum, "must be in [0, 1)")
+        _at_least("method.lambda_structure", self.lambda_structure, 0.0)
+        if self.name == "distill" and not self.teacher_weights:
+            _fail("method.teacher_weights", self.teacher_weights, "is required for method.name 'distill'")
+        _at_least("method.checkpoints_k", self.checkpoints_k, 2 if self.name == "st_pp" else 1)
+        if not 0 < self.reliable_ratio <= 1:
+            _fail("method.reliable_ratio", self.reliable_ratio, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -455,7 +534,12 @@ def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg,
         **{
             "data.root": absolute(cfg.data.root),
+            "data.labeled_ids": absolute(cfg.data.labeled_ids),
+            "data.labeled_manifest": absolute(cfg.data.labeled_manifest),
+            "data.unlabeled_pool": absolute(cfg.data.unlabeled_pool),
+            "data.pseudo_manifest": absolute(cfg.data.pseudo_manifest),
             "model.weights": absolute(cfg.model.weights),
+            "method.teacher_weights": absolute(cfg.method.teacher_weights),
             "store.root": absolute(cfg.store.root),
         },
     )

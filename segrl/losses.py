@@ -234,6 +234,7 @@ def sample_contrastive_pairs(
     threshold: float,
     generator: torch.Generator | None = None,
     ignore_index: int = 255,
+    anchors_per_class: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Anchors, positives and negatives for :func:`pixel_contrastive_loss` (ReCo / STAL).
 
@@ -248,6 +249,8 @@ def sample_contrastive_pairs(
     the detached mean of this batch's reliable ``c`` pixels; their ``num_negatives``
     negatives come from other classes' bank entries. Returns ``(A x D, A x D,
     A x num_negatives x D)`` with ``A`` the anchors over all classes (possibly 0).
+    ``anchors_per_class`` (``C`` ints, e.g. from :func:`tail_anchor_counts`) replaces
+    ``num_anchors`` class by class, so tail classes can get more anchors (STAL).
     """
     feats, labs, conf = _flatten_pixels(features, labels, confidence)
     reliable = (conf >= threshold) & (labs != ignore_index)
@@ -255,7 +258,10 @@ def sample_contrastive_pairs(
     anchors, positives, negatives = [], [], []
     for c in labs[reliable].unique().tolist():
         idx = torch.nonzero(reliable & (labs == c)).squeeze(1)
-        pick = idx[torch.randperm(idx.numel(), generator=generator)[:num_anchors].to(idx.device)]
+        wanted = num_anchors if anchors_per_class is None else int(anchors_per_class[c])
+        if wanted <= 0:
+            continue
+        pick = idx[torch.randperm(idx.numel(), generator=generator)[:wanted].to(idx.device)]
         # every anchor gets its own negatives, as in ReCo
         negs = memory_bank.sample_negatives(c, pick.numel() * num_negatives, generator)
         if negs.shape[0] == 0:
@@ -272,6 +278,25 @@ def sample_contrastive_pairs(
         empty = feats.new_zeros(0, dim)
         return empty, empty, feats.new_zeros(0, num_negatives, dim)
     return torch.cat(anchors), torch.cat(positives), torch.cat(negatives)
+
+
+def tail_anchor_counts(class_probs: torch.Tensor, present: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Anchors per class for STAL's tail-class sampling: ``C`` int64.
+
+    ``class_probs`` ``C`` (e.g. ``ClassConfidenceBank.sampling_probabilities()``),
+    ``present`` ``C`` bool. The ``per_class x n_present`` anchors of a step are shared
+    among the present classes in proportion to their probability (renormalised over
+    them), at least one each; absent classes get 0.
+    """
+    present = present.bool()
+    counts = torch.zeros_like(class_probs, dtype=torch.long)
+    if not present.any():
+        return counts
+    p = class_probs.float() * present
+    p = p / p.sum().clamp(min=1e-12)
+    total = per_class * int(present.sum())
+    counts[present] = (p[present] * total).round().long().clamp(min=1)
+    return counts
 
 
 # --------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class StepContext:
     ignore_index: int = 255
     amp_dtype: torch.dtype | None = None  # None = full precision
     scaler: torch.amp.GradScaler | None = None
+    extra: nn.Module | None = None  # recipe modules outside DDP: their gradients are averaged here
 
 
 def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, Any]:
@@ -150,13 +151,22 @@ def recipe_step(
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.scaler is not None:
         ctx.scaler.scale(losses["loss"]).backward()
+        _sync_extra(ctx)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
     else:
         losses["loss"].backward()
+        _sync_extra(ctx)
         ctx.optimizer.step()
     ctx.scheduler.step()
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _sync_extra(ctx: StepContext) -> None:
+    if ctx.extra is not None:
+        from segrl.methods.terms import all_reduce_gradients
+
+        all_reduce_gradients(ctx.extra)
 
 
 def cycle_batches(

@@ -5,6 +5,12 @@ that spend a pixel budget in :mod:`segrl.acquisition.selectors`. Nothing here do
 I/O or touches Ray; the scoring actors in ``segrl.engine`` call these functions.
 """
 
+from segrl.acquisition.labor import (
+    ppl_points,
+    select_ppl_images,
+    select_spl_images,
+    spl_pixels,
+)
 from segrl.acquisition.scores import (
     IMAGE_REDUCTIONS,
     PIXEL_SCORES,
@@ -49,6 +55,7 @@ __all__ = [
     "margin",
     "mean_max_prob",
     "pixel_entropy",
+    "ppl_points",
     "reduce_mean",
     "reduce_top_q",
     "region_grid",
@@ -56,7 +63,10 @@ __all__ = [
     "region_impurity_uncertainty",
     "region_mean",
     "select_images",
+    "select_ppl_images",
     "select_random",
     "select_regions",
+    "select_spl_images",
+    "spl_pixels",
     "stability",
 ]

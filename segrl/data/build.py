@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from torch.utils.data import Dataset
 
 from segrl.config import DataConfig
@@ -135,3 +138,100 @@ def split_labeled(
     rest = sorted(set(range(len(ids))) - set(chosen))
     unlabeled = SplitView(train_set, rest) if rest else None
     return SplitView(train_set, chosen), unlabeled, [ids[i] for i in chosen]
+
+
+@dataclass
+class TrainingSets:
+    """Every dataset one training run draws from (see ``build_training_sets``)."""
+
+    labeled: Dataset  # labeled source images (or the only labeled set)
+    val: Dataset
+    unlabeled: Dataset | None = None  # images only; masks all ignore
+    target_labeled: Dataset | None = None  # few labeled target frames (domain adaptation)
+    pseudo: Dataset | None = None  # unlabeled images with offline pseudo labels (ST / ST++)
+    labeled_ids: list[str] | None = None  # a drawn or listed split, recorded in the run
+    target_eval_ids: list[str] | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.labeled.classes)
+
+
+def build_training_sets(cfg: DataConfig, seed: int, endpoint_url: str = "") -> TrainingSets:
+    """The labeled, unlabeled, pseudo-labeled and evaluation sets ``cfg`` describes.
+
+    * default: the train split, or part of it (``labeled_ids`` / ``labeled_count``, the
+      rest unlabeled); ``labeled_manifest`` replaces it (the loop's sparse labels);
+    * ``target_prefixes``: train frames whose id starts with a prefix are the target
+      domain; ``target_eval_count`` of them (a fixed draw, the same for every seed) are
+      evaluated instead of the val split, ``target_labeled_count`` keep their labels
+      and the rest are the unlabeled target;
+    * ``unlabeled_pool`` (any pool) and ``pseudo_manifest`` add unlabeled images.
+    """
+    from segrl.data.labels import DataError
+
+    train = build_dataset(cfg, cfg.train_split, train=True, endpoint_url=endpoint_url)
+    val_cfg = cfg
+    if cfg.dataset == "synthetic" and cfg.synthetic_val_domain:
+        val_cfg = dataclasses.replace(cfg, synthetic_domain=cfg.synthetic_val_domain)
+    sets = TrainingSets(labeled=train, val=None)  # type: ignore[arg-type]
+    if cfg.target_prefixes:
+        _split_domains(cfg, train, seed, endpoint_url, sets)
+    elif cfg.labeled_manifest:
+        from segrl.data.datasets import ManifestDataset
+
+        sets.labeled = ManifestDataset(cfg.labeled_manifest, transform=train.transform,
+                                       endpoint_url=endpoint_url or None, classes=tuple(train.classes))
+    else:
+        labeled, unlabeled, ids = split_labeled(cfg, train, seed, endpoint_url)
+        sets.labeled, sets.unlabeled = labeled, unlabeled
+        sets.labeled_ids = ids if unlabeled is not None else None
+    if sets.val is None:
+        sets.val = build_dataset(val_cfg, cfg.val_split, train=False, endpoint_url=endpoint_url)
+    if cfg.unlabeled_pool:
+        from segrl.data.pool import PoolDataset
+
+        sets.unlabeled = PoolDataset(cfg.unlabeled_pool, tuple(train.classes), train.transform, endpoint_url or None)
+    if cfg.pseudo_manifest:
+        from segrl.data.datasets import ManifestDataset
+
+        sets.pseudo = ManifestDataset(cfg.pseudo_manifest, transform=train.transform,
+                                      endpoint_url=endpoint_url or None, classes=tuple(train.classes))
+    if len(sets.labeled) == 0:
+        raise DataError(f"no labeled training images in {cfg.dataset} at {cfg.root!r}")
+    return sets
+
+
+def _split_domains(cfg: DataConfig, train: Dataset, seed: int, endpoint_url: str, sets: TrainingSets) -> None:
+    import numpy as np
+
+    from segrl.data.labels import DataError
+
+    ids = dataset_ids(train)
+    prefixes = tuple(cfg.target_prefixes)
+    target = [i for i, sample_id in enumerate(ids) if sample_id.startswith(prefixes)]
+    source = [i for i, sample_id in enumerate(ids) if not sample_id.startswith(prefixes)]
+    if not target:
+        raise DataError(f"data.target_prefixes {list(prefixes)} match no id of split '{cfg.train_split}'")
+    if not source:
+        raise DataError(f"data.target_prefixes {list(prefixes)} match every id: no source frames left")
+    if cfg.target_eval_count + cfg.target_labeled_count > len(target):
+        raise DataError(
+            f"data.target_eval_count + data.target_labeled_count = "
+            f"{cfg.target_eval_count + cfg.target_labeled_count} exceeds the {len(target)} target frames"
+        )
+    # The held-out target frames must not move with train.seed: every method is compared on them.
+    order = [target[j] for j in np.random.default_rng(0).permutation(len(target))]
+    held_out = sorted(order[: cfg.target_eval_count])
+    rest = order[cfg.target_eval_count :]
+    rest = [rest[j] for j in np.random.default_rng(seed).permutation(len(rest))]
+    labeled_target = sorted(rest[: cfg.target_labeled_count])
+    unlabeled_target = sorted(rest[cfg.target_labeled_count :])
+    sets.labeled = SplitView(train, source)
+    sets.target_labeled = SplitView(train, labeled_target) if labeled_target else None
+    sets.unlabeled = SplitView(train, unlabeled_target) if unlabeled_target else None
+    sets.labeled_ids = [ids[i] for i in source + labeled_target]
+    if held_out:
+        evaluation = build_dataset(cfg, cfg.train_split, train=False, endpoint_url=endpoint_url)
+        sets.val = SplitView(evaluation, held_out)
+        sets.target_eval_ids = [ids[i] for i in held_out]

@@ -54,7 +54,12 @@ def load_pair(
     Without a label the mask is all ignore. Raises ``DataError`` for unreadable files,
     size mismatches and label values the LUT does not define.
     """
-    image = decode_image(read_bytes(image_uri, endpoint_url), image_uri)
+    if image_uri.startswith("synthetic://"):
+        from segrl.data.pool import load_pool_image
+
+        image = load_pool_image(image_uri)
+    else:
+        image = decode_image(read_bytes(image_uri, endpoint_url), image_uri)
     if label_uri is None:
         return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
     raw = decode_label(read_bytes(label_uri, endpoint_url), label_uri)

@@ -37,6 +37,8 @@ from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LABELED_IDS_FILE = "labeled_ids.txt"
+TARGET_EVAL_IDS_FILE = "target_eval_ids.txt"
+SNAPSHOT_DIR = "snapshots"
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.eval_every_epochs")
 
@@ -117,12 +119,12 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_local_paths(cfg)
-    labeled_ids = preflight(cfg)
+    id_lists = preflight(cfg)
     store = run_store(cfg)
     record_config(store, cfg)
-    if labeled_ids is not None:
-        # The fixed labeled/unlabeled split of this run, for reproduction and comparison.
-        store.write_text(LABELED_IDS_FILE, "\n".join(labeled_ids) + "\n")
+    for name, ids in id_lists.items():
+        # The fixed splits of this run (labeled ids, held-out target), for reproduction.
+        store.write_text(name, "\n".join(ids) + "\n")
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)
     trainer = TorchTrainer(
@@ -155,32 +157,36 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
     return TrainSummary(run_uri=store.uri(), checkpoint_uri=checkpoint_uri, metrics=metrics)
 
 
-def preflight(cfg: ExperimentConfig) -> list[str] | None:
+def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
     """Fail on the driver, before anything is written, on what is cheap to check.
 
-    Index both splits (missing root, images without labels), decode their first
-    sample (unreadable files, label ids out of range), and build the model with its
-    weights (a file of another architecture). Problems found later in the run
-    (a corrupt frame deep in the set) fail the run with the same named errors.
+    Build every training set (missing root, images without labels, unknown ids), decode
+    the first sample of each (unreadable files, label ids out of range), and build the
+    model with its weights (a file of another architecture). Problems found later in
+    the run (a corrupt frame deep in the set) fail the run with the same named errors.
+    Returns the id lists to record in the run (drawn splits, held-out target frames).
     """
-    from segrl.data.build import build_dataset, split_labeled
+    from segrl.data.build import build_training_sets
     from segrl.models import build_model
 
     endpoint = cfg.store.endpoint_url or None
-    labeled_ids: list[str] | None = None
-    classes: tuple[str, ...] = ()
-    for split, augment in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
-        dataset = build_dataset(cfg.data, split, train=augment, endpoint_url=cfg.store.endpoint_url)
+    sets = build_training_sets(cfg.data, cfg.train.seed, cfg.store.endpoint_url)
+    for name in ("labeled", "val", "unlabeled", "target_labeled", "pseudo"):
+        dataset = getattr(sets, name)
+        if dataset is None:
+            continue
         if len(dataset) == 0:
-            raise ConfigError(f"data split '{split}' of {cfg.data.dataset} at {cfg.data.root!r} is empty")
+            raise ConfigError(f"the {name} set of {cfg.data.dataset} at {cfg.data.root!r} is empty")
         dataset[0]
-        classes = tuple(dataset.classes)
-        if augment:
-            labeled, unlabeled, ids = split_labeled(cfg.data, dataset, cfg.train.seed, cfg.store.endpoint_url)
-            if unlabeled is not None:
-                labeled_ids = ids
-    build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
-    return labeled_ids
+    build_model(cfg.model.arch, len(sets.classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
+    if cfg.method.teacher_weights:
+        build_model(cfg.model.arch, len(sets.classes), weights=cfg.method.teacher_weights, endpoint_url=endpoint)
+    recorded = {}
+    if sets.labeled_ids is not None:
+        recorded[LABELED_IDS_FILE] = sets.labeled_ids
+    if sets.target_eval_ids is not None:
+        recorded[TARGET_EVAL_IDS_FILE] = sets.target_eval_ids
+    return recorded
 
 
 def final_metrics(checkpoint: Any) -> dict[str, Any]:
@@ -200,7 +206,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from segrl.data.build import build_dataset, split_labeled
+    from segrl.data.build import build_training_sets
     from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
     from segrl.models import build_model
@@ -227,38 +233,49 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + rank)
     endpoint = cfg.store.endpoint_url
 
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, endpoint_url=endpoint)
-    train_set, unlabeled_set, _ = split_labeled(cfg.data, train_set, tcfg.seed, endpoint)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, endpoint_url=endpoint)
-    classes = tuple(train_set.classes)
-    ignore = train_set.ignore_index
-    train_sampler = ShardSampler(len(train_set), rank, world, seed=tcfg.seed)
+    sets = build_training_sets(cfg.data, tcfg.seed, endpoint)
+    classes = sets.classes
+    ignore = sets.labeled.ignore_index
+    n_source, n_target, n_unlabeled = batch_sizes(tcfg.batch_size, cfg.data.batch_ratio)
+    train_sampler = ShardSampler(len(sets.labeled), rank, world, seed=tcfg.seed)
     # Padding would count duplicated val images twice; unequal shards are fine for eval.
-    val_sampler = ShardSampler(len(val_set), rank, world, shuffle=False, pad=False)
-    steps_per_epoch = len(train_sampler) // tcfg.batch_size
+    val_sampler = ShardSampler(len(sets.val), rank, world, shuffle=False, pad=False)
+    steps_per_epoch = len(train_sampler) // n_source
     if steps_per_epoch == 0:
         raise ConfigError(
             f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
-            f"{len(train_sampler)} training images each of {world} workers gets"
+            f"{len(train_sampler)} labeled training images each of {world} workers gets"
         )
     total_steps = steps_per_epoch * tcfg.epochs
 
     model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
     model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(model, tcfg)
+    recipe = build_recipe(cfg.method, model, _class_counts(cfg, sets.labeled), ignore, tcfg.seed + rank,
+                          endpoint or None)
+    extra = torch.nn.ModuleList(recipe.trainable_modules()).to(device)
+    for term in recipe.terms:
+        term.synced.to(device)
+    recipe.broadcast()
+    optimizer = build_optimizer(torch.nn.ModuleList([model, extra]), tcfg)
     scheduler = build_scheduler(optimizer, total_steps, tcfg)
     amp_dtype, scaler = amp_settings(device, tcfg.amp)
-    ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler)
-    recipe = build_recipe(cfg.method, model, _class_counts(cfg, train_set), ignore, tcfg.seed + rank)
-    if recipe.needs_unlabeled and unlabeled_set is None:
-        raise ConfigError(
-            f"method.name '{cfg.method.name}' needs unlabeled images: set data.labeled_count, "
-            "data.labeled_ids or (synthetic) data.synthetic_unlabeled_images"
-        )
+    ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler, extra)
+    unlabeled_source = sets.pseudo if recipe.needs_pseudo else sets.unlabeled
+    if recipe.needs_unlabeled and unlabeled_source is None:
+        what = "data.pseudo_manifest" if recipe.needs_pseudo else (
+            "data.labeled_count, data.labeled_ids, data.unlabeled_pool, data.target_prefixes or "
+            "(synthetic) data.synthetic_unlabeled_images")
+        raise ConfigError(f"method.name '{cfg.method.name}' needs unlabeled images: set {what}")
     unlabeled_batches = (
-        cycle_batches(unlabeled_set, tcfg.batch_size, rank, world, tcfg.seed + 1, cfg.data.loader_workers)
-        if recipe.needs_unlabeled else None
+        cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1, cfg.data.loader_workers)
+        if recipe.needs_unlabeled and n_unlabeled else None
     )
+    target_batches = (
+        cycle_batches(sets.target_labeled, n_target, rank, world, tcfg.seed + 2, cfg.data.loader_workers)
+        if sets.target_labeled is not None and n_target else None
+    )
+    snapshot_steps = snapshot_schedule(total_steps, tcfg.snapshots)
+    snapshots = run_store(cfg).child(SNAPSHOT_DIR) if rank == 0 and snapshot_steps else None
 
     step, history, start_step = 0, [], 0
     restored = ray.train.get_checkpoint()
@@ -293,11 +310,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(step // steps_per_epoch, tcfg.epochs):
         offset = step - epoch * steps_per_epoch
         train_sampler.set_epoch(epoch, start=offset * tcfg.batch_size)
-        loader = make_loader(train_set, tcfg.batch_size, train_sampler, cfg.data.loader_workers, drop_last=True)
+        loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True)
         loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for batch in loader:
             batch_u = next(unlabeled_batches) if unlabeled_batches is not None else None
+            if target_batches is not None:
+                batch = concat_batches(batch, next(target_batches))
             losses = recipe_step(ctx, recipe, batch, batch_u, epoch)
             recipe.after_step(model, step)
             for name, value in losses.items():
@@ -306,6 +325,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             loss_count += 1
             images += batch["image"].shape[0]
             step += 1
+            if snapshots is not None and step in snapshot_steps:
+                save_snapshot(snapshots, recipe.eval_model(model), step, loop_config["config"], classes)
             if rank == 0 and step % tcfg.log_every_steps == 0:
                 print(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}", flush=True)
             end_of_epoch = step == (epoch + 1) * steps_per_epoch
@@ -321,7 +342,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         }
         last_epoch = epoch + 1 == tcfg.epochs
         if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
-            val_loader = make_loader(val_set, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
+            val_loader = make_loader(sets.val, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
             conf = evaluate_confusion(recipe.eval_model(model), val_loader, len(classes), device, ignore,
                                       distributed=world > 1)
             ious = iou_per_class(conf)
@@ -338,6 +359,51 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(_epoch_line(summary, tcfg.epochs, step), flush=True)
         checkpoint_and_report(epoch + 1, summary)
+
+
+def batch_sizes(batch_size: int, ratio: tuple[float, ...]) -> tuple[int, int, int]:
+    """(labeled source, labeled target, unlabeled) images per step from ``data.batch_ratio``.
+
+    The labeled images of a step are ``batch_size``, split source : target by the first
+    two ratios; the unlabeled count is ``batch_size x r_u / (r_s + r_t)``.
+    """
+    r_source, r_target, r_unlabeled = ratio
+    labeled = r_source + r_target
+    n_target = round(batch_size * r_target / labeled)
+    n_source = batch_size - n_target
+    if n_source < 1:
+        raise ConfigError(f"config field 'data.batch_ratio' = {list(ratio)} leaves no labeled source "
+                          f"image in a batch of {batch_size}")
+    return n_source, n_target, round(batch_size * r_unlabeled / labeled)
+
+
+def concat_batches(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two collated batches as one (tensors concatenated, lists joined)."""
+    return {k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else list(a[k]) + list(b[k]) for k in a}
+
+
+def snapshot_schedule(total_steps: int, count: int) -> set[int]:
+    """Steps after which the K snapshots are taken: evenly spaced, the last at the end."""
+    if count <= 0:
+        return set()
+    return {max(1, round(total_steps * j / count)) for j in range(1, count + 1)}
+
+
+def save_snapshot(store: ArtifactStore, model: torch.nn.Module, step: int, config: dict[str, Any],
+                  classes: tuple[str, ...]) -> None:
+    """A model-only checkpoint ``snapshots/ckpt_<step>/checkpoint.pt`` that scoring reads."""
+    import io
+
+    from segrl.training import CHECKPOINT_FILE, unwrap
+
+    key = f"{CHECKPOINT_PREFIX}{step:08d}/{CHECKPOINT_FILE}"
+    if store.exists(key):  # a resumed run passes the same step again
+        return
+    buffer = io.BytesIO()
+    state = {"model": unwrap(model).state_dict(), "step": step, "config": config,
+             "metrics": {"classes": list(classes)}}
+    torch.save(state, buffer)
+    store.write_bytes(key, buffer.getvalue())
 
 
 def _class_counts(cfg: ExperimentConfig, labeled: Any) -> torch.Tensor | None:

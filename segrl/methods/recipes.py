@@ -13,6 +13,19 @@ schedules, checkpoints, evaluation) is shared, in ``segrl.engine.train``.
   earlier unlabeled images, whose loss is added beside the in-batch one. Supervised-only
   for ``cold_start_epochs``.
 
+* ``pseudo_label`` (the student stages of ST / ST++, Yang et al., CVPR 2022): offline
+  hard pseudo labels of unlabeled images, learned on a strong view beside the labeled
+  batch. ``segrl.engine.selftrain`` runs the teacher, the pseudo labeling and the stages.
+* ``proda`` (Zhang et al., CVPR 2021): the starting (source-only) model's soft labels,
+  fixed, re-weighted online by the distance of EMA features to class prototypes; the
+  student learns their argmax on a strong view, plus target structure learning (KL of
+  prototype assignments between weak and strong views).
+* ``distill`` (ProDA's last stage): a fresh student learns a trained teacher's soft
+  labels on unlabeled images beside the labeled batch.
+
+Any recipe can add the optional terms of ``segrl.methods.terms`` (STAL's pixel
+contrastive loss with tail-class sampling, output-space adversarial alignment).
+
 Labeled and unlabeled images go through the network in one forward pass (as UniMatch
 does): one DDP forward per step, and BatchNorm sees both domains.
 """
@@ -32,36 +45,18 @@ from segrl.data.classmix import (
     sample_mix_classes,
 )
 from segrl.data.transforms import strong_transform
-from segrl.losses import confidence_weighted_ce, cross_entropy, image_confidence_weight
-from segrl.models.ema import EMATeacher
+from segrl.losses import (
+    confidence_weighted_ce,
+    cross_entropy,
+    image_confidence_weight,
+    proda_rectified_pseudo_labels,
+    structure_consistency_kl,
+)
+from segrl.methods.banks import PrototypeBank
+from segrl.methods.terms import StepOutputs, broadcast_parameters, build_terms, to_feature_grid
+from segrl.models.ema import EMATeacher, unwrap
 
-RECIPES = ("supervised", "mean_teacher")
-
-
-class SupervisedRecipe:
-    """Cross-entropy on labeled pixels only."""
-
-    needs_unlabeled = False
-
-    def __init__(self, ignore_index: int = 255) -> None:
-        self.ignore_index = ignore_index
-
-    def losses(self, model: nn.Module, batch_x: dict, batch_u: dict | None, epoch: int) -> dict:
-        logits = model(batch_x["image"])
-        loss = cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index)
-        return {"loss": loss, "loss_x": loss.detach()}
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        return None
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+RECIPES = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill")
 
 
 def strong_views(images: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +72,70 @@ def strong_views(images: torch.Tensor, ignore_index: int = 255) -> tuple[torch.T
     return torch.stack(views).to(images.device), torch.stack(ignored).to(images.device)
 
 
-class MeanTeacherRecipe:
+class Recipe:
+    """What every recipe shares: the optional terms, their state and their modules.
+
+    Subclasses implement ``compute(model, batch_x, batch_u, epoch) -> (losses, outputs)``
+    with ``losses["loss"]`` the recipe's own total; the enabled terms are added to it.
+    """
+
+    needs_unlabeled = False
+    needs_pseudo = False  # unlabeled batches come with offline pseudo labels ("mask")
+
+    def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
+        self.cfg, self.ignore_index = cfg, ignore_index
+        bare = unwrap(model)
+        self.terms = build_terms(cfg, bare.feature_channels, bare.num_classes, ignore_index, seed)
+
+    def compute(self, model: nn.Module, batch_x: dict, batch_u: dict | None,
+                epoch: int) -> tuple[dict, StepOutputs]:
+        raise NotImplementedError
+
+    def losses(self, model: nn.Module, batch_x: dict, batch_u: dict | None, epoch: int) -> dict:
+        out, outputs = self.compute(model, batch_x, batch_u, epoch)
+        for term in self.terms:
+            value = term(outputs)
+            out["loss"] = out["loss"] + value
+            out[term.name] = value.detach()
+        return out
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules outside the model trained by the main optimiser (projection heads)."""
+        return [term.module for term in self.terms if term.module is not None]
+
+    def broadcast(self) -> None:
+        """Start every rank from rank 0's term parameters (they live outside DDP)."""
+        for term in self.terms:
+            broadcast_parameters(term.synced)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        for term in self.terms:
+            term.after_step()
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"terms": [term.state_dict() for term in self.terms]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for term, saved in zip(self.terms, state.get("terms", []), strict=False):
+            term.load_state_dict(saved)
+
+    def _supervised(self, model: nn.Module, batch_x: dict) -> tuple[dict, StepOutputs]:
+        logits, feats = model(batch_x["image"], return_features=True)
+        loss = cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index)
+        return {"loss": loss, "loss_x": loss.detach()}, StepOutputs(logits, feats, batch_x["mask"])
+
+
+class SupervisedRecipe(Recipe):
+    """Cross-entropy on labeled pixels only."""
+
+    def compute(self, model, batch_x, batch_u, epoch):
+        return self._supervised(model, batch_x)
+
+
+class MeanTeacherRecipe(Recipe):
     """S4AL mean teacher with confidence weighting and optional Balanced ClassMix."""
 
     needs_unlabeled = True
@@ -90,8 +148,7 @@ class MeanTeacherRecipe:
         ignore_index: int = 255,
         seed: int = 0,
     ) -> None:
-        self.cfg = cfg
-        self.ignore_index = ignore_index
+        super().__init__(model, cfg, ignore_index, seed)
         self.teacher = EMATeacher(model, cfg.ema_momentum)
         self.buffer = ReplayBuffer(cfg.replay_buffer, seed) if cfg.classmix and cfg.replay_buffer else None
         counts = class_pixel_counts if class_pixel_counts is not None else torch.ones(1)
@@ -125,12 +182,10 @@ class MeanTeacherRecipe:
             self.buffer.add((images.detach().cpu(), pseudo.detach().cpu()))
         return torch.stack(mixed_images), torch.stack(mixed_probs)
 
-    def losses(self, model: nn.Module, batch_x: dict, batch_u: dict | None, epoch: int) -> dict:
+    def compute(self, model, batch_x, batch_u, epoch):
         images_x, masks_x = batch_x["image"], batch_x["mask"]
         if batch_u is None or epoch < self.cfg.cold_start_epochs:
-            logits = model(images_x)
-            loss = cross_entropy(logits, masks_x, ignore_index=self.ignore_index)
-            return {"loss": loss, "loss_x": loss.detach()}
+            return self._supervised(model, batch_x)
         images_u = batch_u["image"]
         probs_u = self._teacher_probs(images_u)
         strong_u, cut_u = strong_views(images_u, self.ignore_index)
@@ -139,7 +194,7 @@ class MeanTeacherRecipe:
         if self.cfg.classmix:
             mixed = self._mix(strong_u, probs_u)
             parts.append(mixed[0])
-        logits = model(torch.cat(parts))
+        logits, feats = model(torch.cat(parts), return_features=True)
         n_x, n_u = images_x.shape[0], images_u.shape[0]
         loss_x = cross_entropy(logits[:n_x], masks_x, ignore_index=self.ignore_index)
         loss_u = self._pseudo_loss(logits[n_x : n_x + n_u], probs_u, cut_u)
@@ -150,7 +205,11 @@ class MeanTeacherRecipe:
             total = total + self.cfg.lambda_mix * loss_mix
             out["loss_mix"] = loss_mix.detach()
         out["loss"] = total
-        return out
+        conf_u, pseudo_u = probs_u.max(1)
+        outputs = StepOutputs(logits[:n_x], feats[:n_x], masks_x, logits[n_x : n_x + n_u],
+                              feats[n_x : n_x + n_u], pseudo_u.masked_fill(cut_u, self.ignore_index),
+                              conf_u, probs_u)
+        return out, outputs
 
     def _pseudo_loss(self, logits: torch.Tensor, probs: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
         image_weight = None
@@ -165,13 +224,14 @@ class MeanTeacherRecipe:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self.teacher.update(model, step)
+        super().after_step(model, step)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The teacher: an average of students, and what S4AL evaluates and deploys."""
         return self.teacher.model
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"teacher": self.teacher.state_dict()}
+        state: dict[str, Any] = {"teacher": self.teacher.state_dict(), **super().state_dict()}
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
         return state
@@ -180,14 +240,149 @@ class MeanTeacherRecipe:
         self.teacher.load_state_dict(state["teacher"])
         if self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
+        super().load_state_dict(state)
+
+
+def _student_on_strong_view(
+    recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward of labeled images and strong views of ``images_u``:
+    (labeled CE, unlabeled logits, unlabeled features, cutout mask) plus labeled outputs
+    stored on the recipe for the terms."""
+    strong_u, cut_u = strong_views(images_u, recipe.ignore_index)
+    n_x = batch_x["image"].shape[0]
+    logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
+    loss_x = cross_entropy(logits[:n_x], batch_x["mask"], ignore_index=recipe.ignore_index)
+    recipe._labeled = (logits[:n_x], feats[:n_x])
+    return loss_x, logits[n_x:], feats[n_x:], cut_u
+
+
+class PseudoLabelRecipe(Recipe):
+    """ST / ST++ student: offline hard pseudo labels learned on a strong view."""
+
+    needs_unlabeled = True
+    needs_pseudo = True
+
+    def compute(self, model, batch_x, batch_u, epoch):
+        if batch_u is None:
+            return self._supervised(model, batch_x)
+        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, batch_u["image"])
+        pseudo = batch_u["mask"].masked_fill(cut_u, self.ignore_index)
+        loss_u = cross_entropy(logits_u, pseudo, ignore_index=self.ignore_index)
+        logits_x, feats_x = self._labeled
+        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u, pseudo,
+                              torch.ones_like(pseudo, dtype=torch.float))
+        total = loss_x + self.cfg.lambda_u * loss_u
+        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}, outputs
+
+
+class ProdaRecipe(Recipe):
+    """ProDA: prototype-rectified pseudo labels and target structure learning.
+
+    The model starts from source-only weights (``model.weights``); a frozen copy of it
+    gives the fixed initial soft labels (ProDA computes them once, offline; a frozen
+    model on the same weak view gives the same), an EMA copy gives the features that
+    place pixels relative to the class prototypes.
+    """
+
+    needs_unlabeled = True
+
+    def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
+        super().__init__(model, cfg, ignore_index, seed)
+        bare = unwrap(model)
+        self.initial = EMATeacher(bare, 1.0)  # momentum 1: never moves
+        self.teacher = EMATeacher(bare, cfg.ema_momentum)
+        self.prototypes = PrototypeBank(bare.num_classes, bare.feature_channels, cfg.prototype_momentum)
+
+    def compute(self, model, batch_x, batch_u, epoch):
+        if batch_u is None:
+            return self._supervised(model, batch_x)
+        images_u = batch_u["image"]
+        initial_soft = self.initial(images_u).float().softmax(1)
+        _, feats_w = self.teacher(images_u, return_features=True)
+        grid = tuple(feats_w.shape[-2:])
+        coarse = to_feature_grid(initial_soft.argmax(1), grid)
+        if not self.prototypes.initialized.any():
+            self.prototypes.update(feats_w, coarse, self.ignore_index)
+        protos = self.prototypes.prototypes.to(feats_w.device)
+        rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature)
+        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, images_u)
+        pseudo = hard.masked_fill(cut_u, self.ignore_index)
+        loss_u = cross_entropy(logits_u, pseudo, ignore_index=self.ignore_index)
+        loss_kl = structure_consistency_kl(feats_w, feats_u, protos, self.cfg.proda_temperature)
+        # prototypes follow the rectified labels of the EMA features (ProDA eq. 6)
+        self.prototypes.update(feats_w, to_feature_grid(hard, grid), self.ignore_index)
+        logits_x, feats_x = self._labeled
+        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u, pseudo,
+                              rectified.max(1).values, rectified)
+        total = loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_structure * loss_kl
+        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                "loss_structure": loss_kl.detach()}, outputs
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.teacher.update(model, step)
+        super().after_step(model, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial.state_dict(), "teacher": self.teacher.state_dict(),
+                "prototypes": self.prototypes.state_dict(), **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initial.load_state_dict(state["initial"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.prototypes.load_state_dict(state["prototypes"])
+        super().load_state_dict(state)
+
+
+class DistillRecipe(Recipe):
+    """Knowledge distillation into a fresh student (ProDA stage 3): KL from a frozen
+    teacher's soft labels on the weak view to the student's strong view."""
+
+    needs_unlabeled = True
+
+    def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0,
+                 endpoint_url: str | None = None) -> None:
+        from segrl.models import build_model
+
+        super().__init__(model, cfg, ignore_index, seed)
+        bare = unwrap(model)
+        teacher = build_model(bare.arch, bare.num_classes, weights=cfg.teacher_weights, endpoint_url=endpoint_url)
+        self.teacher = EMATeacher(teacher, 1.0)
+        self.teacher.model.to(next(bare.parameters()).device)
+
+    def compute(self, model, batch_x, batch_u, epoch):
+        if batch_u is None:
+            return self._supervised(model, batch_x)
+        images_u = batch_u["image"]
+        soft = self.teacher(images_u).float().softmax(1)
+        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, images_u)
+        keep = (~cut_u).unsqueeze(1).float()
+        log_student = logits_u.float().log_softmax(1)
+        kl = (soft * (soft.clamp(min=1e-8).log() - log_student) * keep).sum(1).sum() / keep.sum().clamp(min=1)
+        conf, pseudo = soft.max(1)
+        logits_x, feats_x = self._labeled
+        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u,
+                              pseudo.masked_fill(cut_u, self.ignore_index), conf, soft)
+        total = loss_x + self.cfg.lambda_u * kl
+        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": kl.detach()}, outputs
 
 
 def build_recipe(
-    cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int, seed: int
-) -> SupervisedRecipe | MeanTeacherRecipe:
+    cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int, seed: int,
+    endpoint_url: str | None = None,
+) -> Recipe:
     """The recipe ``cfg.name`` names (see ``RECIPES``)."""
     if cfg.name == "supervised":
-        return SupervisedRecipe(ignore_index)
+        return SupervisedRecipe(model, cfg, ignore_index, seed)
     if cfg.name == "mean_teacher":
         return MeanTeacherRecipe(model, cfg, class_pixel_counts, ignore_index, seed)
-    raise ValueError(f"unknown method.name {cfg.name!r}; valid names: {', '.join(RECIPES)}")
+    if cfg.name == "pseudo_label":
+        return PseudoLabelRecipe(model, cfg, ignore_index, seed)
+    if cfg.name == "proda":
+        return ProdaRecipe(model, cfg, ignore_index, seed)
+    if cfg.name == "distill":
+        return DistillRecipe(model, cfg, ignore_index, seed, endpoint_url)
+    raise ValueError(
+        f"method.name {cfg.name!r} is not a single-run recipe; valid names: {', '.join(RECIPES)} "
+        "(st and st_pp run through segrl.engine.selftrain)"
+    )

@@ -34,7 +34,7 @@ def test_supervised_recipe_is_plain_cross_entropy():
     torch.manual_seed(0)
     model = build_model("lraspp_mobilenet_v3_large", 4)
     x = batch()
-    out = SupervisedRecipe().losses(model, x, None, epoch=0)
+    out = SupervisedRecipe(model, MethodConfig()).losses(model, x, None, epoch=0)
     expected = torch.nn.functional.cross_entropy(model(x["image"]), x["mask"])
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
