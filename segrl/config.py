@@ -123,6 +123,7 @@ class TrainConfig:
     """Optimisation schedule, evaluation and checkpoint cadence."""
 
     epochs: int = 4
+    steps: int = 0  # if > 0: train at least this many steps (whole epochs) instead of train.epochs
     batch_size: int = 8  # per Ray Train worker
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -142,6 +143,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.steps", self.steps, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _one_of("train.optimizer", self.optimizer, ("adamw", "sgd"))
         _positive("train.lr", self.lr)
@@ -198,6 +200,7 @@ class MethodConfig:
     # distill (ProDA's last stage): a fresh student learns a trained teacher's soft labels.
     teacher_weights: str = ""  # weights of the teacher (local or s3://); distill only
     # ST / ST++ (Yang et al., CVPR 2022)
+    labor_selector: bool = False  # train LabOR's two-head pixel selector beside any recipe
     checkpoints_k: int = 3  # ST++: teacher snapshots whose agreement is the stability score
     reliable_ratio: float = 0.5  # ST++: share R of most stable unlabeled images in stage 1
 
@@ -233,6 +236,49 @@ class MethodConfig:
         _at_least("method.checkpoints_k", self.checkpoints_k, 2 if self.name == "st_pp" else 1)
         if not 0 < self.reliable_ratio <= 1:
             _fail("method.reliable_ratio", self.reliable_ratio, "must be in (0, 1]")
+
+
+ACQUISITIONS = ("random", "entropy", "stability", "region_entropy", "region_impurity", "labor_spl", "labor_ppl")
+
+
+@dataclass(frozen=True)
+class ALConfig:
+    """The active-learning loop (``jobs/stal_loop.py``): rounds, budget, acquisition, labeling."""
+
+    rounds: int = 2  # selection rounds; a final training round follows the last one
+    initial_labeled: int = 8  # images fully labeled before round 0 (random with al.seed)
+    initial_ids: str = ""  # or: a file/URI listing them, one id per line
+    budget_per_round: float = 0.02
+    budget_unit: str = "share"  # share (of the pool's pixels) | pixels | images | clicks (labor_ppl)
+    acquisition: str = "entropy"  # random | entropy | stability | region_entropy | region_impurity
+    #                               | labor_spl | labor_ppl
+    region_size: tuple[int, ...] = (32, 32)  # candidate region [h, w] in scoring pixels
+    regions_top_r: int = 16  # candidate regions kept per image
+    points_per_image: int = 10  # labor_ppl: clicks per selected image
+    class_balance: bool = False  # image selection interleaved over rarest predicted classes
+    labeling: str = "oracle"  # oracle (ground truth of the pool) | external (manifest + import)
+    warm_start: bool = True  # each round starts from the previous round's model (STAL)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _at_least("al.rounds", self.rounds, 0)
+        _at_least("al.initial_labeled", self.initial_labeled, 0)
+        if self.initial_ids and self.initial_labeled:
+            _fail("al.initial_ids", self.initial_ids, "cannot be combined with al.initial_labeled")
+        if not (self.initial_ids or self.initial_labeled):
+            _fail("al.initial_labeled", self.initial_labeled, "must be >= 1 (or set al.initial_ids): "
+                  "round 0 needs some labels to train on")
+        _positive("al.budget_per_round", self.budget_per_round)
+        _one_of("al.budget_unit", self.budget_unit, ("share", "pixels", "images", "clicks"))
+        if self.budget_unit == "share" and self.budget_per_round > 1:
+            _fail("al.budget_per_round", self.budget_per_round, "is a share of the pool's pixels: must be <= 1")
+        _one_of("al.acquisition", self.acquisition, ACQUISITIONS)
+        if (self.budget_unit == "clicks") != (self.acquisition == "labor_ppl"):
+            _fail("al.budget_unit", self.budget_unit, "must be 'clicks' exactly when al.acquisition is labor_ppl")
+        _hw("al.region_size", self.region_size)
+        _at_least("al.regions_top_r", self.regions_top_r, 1)
+        _at_least("al.points_per_image", self.points_per_image, 1)
+        _one_of("al.labeling", self.labeling, ("oracle", "external"))
 
 
 @dataclass(frozen=True)
@@ -284,6 +330,7 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    al: ALConfig = field(default_factory=ALConfig)
 
     @property
     def run_name(self) -> str:
@@ -295,7 +342,7 @@ class ExperimentConfig:
                 _fail(key, value, "may hold only letters, digits, '-', '_' and '.'")
         if not self.name:
             _fail("name", self.name, "must not be empty")
-        for section in (self.data, self.model, self.train, self.method, self.store, self.compute):
+        for section in (self.data, self.model, self.train, self.method, self.store, self.compute, self.al):
             section.validate()
 
 

@@ -123,10 +123,18 @@ class PoolScorer:
         self.num_classes = len(info.classes)
         endpoint = cfg.store.endpoint_url or None
         self.models = []
+        self.labor_heads = None
         for uri in info.uris:
+            state = load_checkpoint_state(uri, endpoint)
             model = build_model(info.arch, self.num_classes)
-            model.load_state_dict(load_checkpoint_state(uri, endpoint)["model"])
+            model.load_state_dict(state["model"])
             self.models.append(model.to(self.device).eval())
+        if "labor_heads" in state:  # the final checkpoint carries LabOR's two-head selector
+            from segrl.models.heads import TwoHeadClassifier
+
+            heads = TwoHeadClassifier(self.models[-1].feature_channels, self.num_classes)
+            heads.load_state_dict(state["labor_heads"])
+            self.labor_heads = heads.to(self.device).eval()
         self.pseudo_all = cfg.pseudo_labels == "all"
         self.pseudo_ids = pseudo_ids or frozenset()
         self.out_store = out_store
@@ -135,12 +143,29 @@ class PoolScorer:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
+    def normalise(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> torch.Tensor:
         """K x N x C x H x W softmax maps of uint8 frames N x H x W x 3."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        x = self.normalise(images)
         return torch.stack([model(x).float().softmax(1) for model in self.models])
+
+    @torch.inference_mode()
+    def labor_maps(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LabOR's view of frames N x H x W x 3: (disagreement mask N x H x W bool, head
+        discrepancy N x H x W, final-model prediction N x H x W, features N x D x H x W)."""
+        from segrl.losses import classifier_discrepancy_map
+
+        x = self.normalise(images)
+        logits, features = self.models[-1](x, return_features=True)
+        logits_a, logits_b = self.labor_heads(features, size=tuple(x.shape[-2:]))
+        probs_a, probs_b = logits_a.float().softmax(1), logits_b.float().softmax(1)
+        mask = probs_a.argmax(1) != probs_b.argmax(1)
+        features = F.interpolate(features.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return mask, classifier_discrepancy_map(probs_a, probs_b), logits.argmax(1), features
 
     @torch.inference_mode()
     def score(
@@ -178,6 +203,11 @@ class PoolScorer:
                 out["stability"] = stab
                 out["instability"] = 1.0 - stab
         out["class_hist"] = class_histogram(pred, self.num_classes).cpu().numpy()
+        if self.labor_heads is not None:
+            mask = self.labor_maps(images)[0]
+            scale = original_sizes.prod(axis=1) / float(mask.shape[-2] * mask.shape[-1])
+            # LabOR's signal: how many pixels (at the original size) the two heads disagree on
+            out["disagree_pixels"] = np.round(mask.flatten(1).sum(1).cpu().numpy() * scale).astype(np.int64)
         if self.cfg.regions_top_r:
             boxes, scores = self.top_regions(probs, pred, original_sizes)
             out["region_boxes"], out["region_scores"] = boxes, scores

@@ -40,7 +40,7 @@ LABELED_IDS_FILE = "labeled_ids.txt"
 TARGET_EVAL_IDS_FILE = "target_eval_ids.txt"
 SNAPSHOT_DIR = "snapshots"
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "train.eval_every_epochs")
+RESUMABLE_CHANGES = ("train.epochs", "train.steps", "train.log_every_steps", "train.eval_every_epochs")
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
             f"{len(train_sampler)} labeled training images each of {world} workers gets"
         )
-    total_steps = steps_per_epoch * tcfg.epochs
+    epochs = math.ceil(tcfg.steps / steps_per_epoch) if tcfg.steps else tcfg.epochs
+    total_steps = steps_per_epoch * epochs
 
     model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
     model = ray.train.torch.prepare_model(model)
@@ -307,7 +308,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
     model.train()
-    for epoch in range(step // steps_per_epoch, tcfg.epochs):
+    for epoch in range(step // steps_per_epoch, epochs):
         offset = step - epoch * steps_per_epoch
         train_sampler.set_epoch(epoch, start=offset * tcfg.batch_size)
         loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True)
@@ -326,7 +327,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             images += batch["image"].shape[0]
             step += 1
             if snapshots is not None and step in snapshot_steps:
-                save_snapshot(snapshots, recipe.eval_model(model), step, loop_config["config"], classes)
+                save_snapshot(snapshots, recipe.eval_model(model), step, loop_config["config"], classes,
+                              recipe.snapshot_extras())
             if rank == 0 and step % tcfg.log_every_steps == 0:
                 print(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}", flush=True)
             end_of_epoch = step == (epoch + 1) * steps_per_epoch
@@ -340,7 +342,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             **{name: value / max(loss_count, 1) for name, value in term_sums.items() if name != "loss"},
         }
-        last_epoch = epoch + 1 == tcfg.epochs
+        last_epoch = epoch + 1 == epochs
         if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
             val_loader = make_loader(sets.val, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
             conf = evaluate_confusion(recipe.eval_model(model), val_loader, len(classes), device, ignore,
@@ -357,7 +359,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 summary["table"] = format_iou_table(conf, list(classes))
         history.append({k: v for k, v in summary.items() if k != "table"})
         if rank == 0:
-            print(_epoch_line(summary, tcfg.epochs, step), flush=True)
+            print(_epoch_line(summary, epochs, step), flush=True)
         checkpoint_and_report(epoch + 1, summary)
 
 
@@ -390,7 +392,7 @@ def snapshot_schedule(total_steps: int, count: int) -> set[int]:
 
 
 def save_snapshot(store: ArtifactStore, model: torch.nn.Module, step: int, config: dict[str, Any],
-                  classes: tuple[str, ...]) -> None:
+                  classes: tuple[str, ...], extras: dict[str, Any] | None = None) -> None:
     """A model-only checkpoint ``snapshots/ckpt_<step>/checkpoint.pt`` that scoring reads."""
     import io
 
@@ -401,7 +403,7 @@ def save_snapshot(store: ArtifactStore, model: torch.nn.Module, step: int, confi
         return
     buffer = io.BytesIO()
     state = {"model": unwrap(model).state_dict(), "step": step, "config": config,
-             "metrics": {"classes": list(classes)}}
+             "metrics": {"classes": list(classes)}, **(extras or {})}
     torch.save(state, buffer)
     store.write_bytes(key, buffer.getvalue())
 

@@ -79,13 +79,25 @@ class Recipe:
     with ``losses["loss"]`` the recipe's own total; the enabled terms are added to it.
     """
 
-    needs_unlabeled = False
+    uses_unlabeled = False
     needs_pseudo = False  # unlabeled batches come with offline pseudo labels ("mask")
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
         self.cfg, self.ignore_index = cfg, ignore_index
         bare = unwrap(model)
         self.terms = build_terms(cfg, bare.feature_channels, bare.num_classes, ignore_index, seed)
+
+    @property
+    def needs_unlabeled(self) -> bool:
+        return self.uses_unlabeled or any(getattr(term, "needs_unlabeled", False) for term in self.terms)
+
+    def snapshot_extras(self) -> dict[str, Any]:
+        """What snapshots carry besides the model (LabOR's heads, for scoring)."""
+        extras: dict[str, Any] = {}
+        for term in self.terms:
+            if hasattr(term, "snapshot"):
+                extras.update(term.snapshot())
+        return extras
 
     def compute(self, model: nn.Module, batch_x: dict, batch_u: dict | None,
                 epoch: int) -> tuple[dict, StepOutputs]:
@@ -129,16 +141,20 @@ class Recipe:
 
 
 class SupervisedRecipe(Recipe):
-    """Cross-entropy on labeled pixels only."""
+    """Cross-entropy on labeled pixels only (unlabeled features only feed probes like LabOR's)."""
 
     def compute(self, model, batch_x, batch_u, epoch):
-        return self._supervised(model, batch_x)
+        out, outputs = self._supervised(model, batch_x)
+        if batch_u is not None:
+            with torch.no_grad():
+                _, outputs.feats_u = unwrap(model)(batch_u["image"], return_features=True)
+        return out, outputs
 
 
 class MeanTeacherRecipe(Recipe):
     """S4AL mean teacher with confidence weighting and optional Balanced ClassMix."""
 
-    needs_unlabeled = True
+    uses_unlabeled = True
 
     def __init__(
         self,
@@ -260,7 +276,7 @@ def _student_on_strong_view(
 class PseudoLabelRecipe(Recipe):
     """ST / ST++ student: offline hard pseudo labels learned on a strong view."""
 
-    needs_unlabeled = True
+    uses_unlabeled = True
     needs_pseudo = True
 
     def compute(self, model, batch_x, batch_u, epoch):
@@ -285,7 +301,7 @@ class ProdaRecipe(Recipe):
     place pixels relative to the class prototypes.
     """
 
-    needs_unlabeled = True
+    uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
         super().__init__(model, cfg, ignore_index, seed)
@@ -338,7 +354,7 @@ class DistillRecipe(Recipe):
     """Knowledge distillation into a fresh student (ProDA stage 3): KL from a frozen
     teacher's soft labels on the weak view to the student's strong view."""
 
-    needs_unlabeled = True
+    uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0,
                  endpoint_url: str | None = None) -> None:

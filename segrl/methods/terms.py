@@ -196,10 +196,52 @@ class AdversarialTerm:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+class LaborTerm:
+    """LabOR's two-head pixel selector trained beside the recipe on detached features.
+
+    It adds nothing to the segmentation loss (the selector is a probe, see
+    ``segrl.methods.labor``); its heads go into the round's snapshots so scoring can
+    measure where they disagree.
+    """
+
+    name = "labor_discrepancy"
+    needs_unlabeled = True
+
+    def __init__(self, feature_channels: int, num_classes: int, ignore_index: int = 255, seed: int = 0) -> None:
+        from segrl.methods.labor import LaborSelector
+
+        self.selector = LaborSelector(feature_channels, num_classes, seed=seed)
+        self.ignore_index = ignore_index
+        self.module = None
+        self.synced = nn.Module()  # the selector broadcasts and averages its own heads
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        zero = out.logits_x.sum() * 0.0
+        if out.feats_u is None:
+            return zero
+        self.selector.heads.to(out.feats_x.device)
+        stats = self.selector.step(out.feats_x.detach(), out.mask_x, out.feats_u.detach(), self.ignore_index)
+        return zero.detach() + stats["discrepancy"]
+
+    def after_step(self) -> None:
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"labor_heads": self.selector.heads.state_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selector": self.selector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.selector.load_state_dict(state["selector"])
+
+
 def build_terms(cfg: MethodConfig, feature_channels: int, num_classes: int, ignore_index: int,
-                seed: int) -> list[ContrastiveTerm | AdversarialTerm]:
+                seed: int) -> list[ContrastiveTerm | AdversarialTerm | LaborTerm]:
     """The optional terms ``cfg`` switches on (weight > 0)."""
-    terms: list[ContrastiveTerm | AdversarialTerm] = []
+    terms: list[ContrastiveTerm | AdversarialTerm | LaborTerm] = []
+    if cfg.labor_selector:
+        terms.append(LaborTerm(feature_channels, num_classes, ignore_index, seed))
     if cfg.lambda_contrastive > 0:
         terms.append(ContrastiveTerm(cfg, feature_channels, num_classes, ignore_index, seed))
     if cfg.lambda_adv > 0:

@@ -1,0 +1,1 @@
+"""The active-learning loop: round state machine, selection, LabOR requests, reports."""

@@ -1,0 +1,125 @@
+"""LabOR selection for the images a round picks: segment masks (SPL) or points (PPL).
+
+Scoring gives every pool image its count of pixels where the two heads disagree
+(``disagree_pixels``); the images are chosen from those counts under the budget
+(``select_spl_images`` / ``select_ppl_images``). Only for the chosen few does the
+driver run the model again, at the scoring resolution, to get the masks and points,
+which are then mapped to original pixels: the nearest-neighbour rule that training's
+resize uses, so a requested pixel is one the training grid keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from segrl.acquisition.labor import ppl_points, select_ppl_images, select_spl_images, spl_pixels
+from segrl.config import ALConfig, ScoreConfig, StoreConfig
+from segrl.labeling import encode_label_png
+from segrl.storage import ArtifactStore
+
+
+def to_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A boolean H x W mask resized (nearest) to ``size``."""
+    tensor = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+    return F.interpolate(tensor, size=size, mode="nearest")[0, 0].bool().numpy()
+
+
+def scale_points(points: list[tuple[int, int, int]], small: tuple[int, int],
+                 original: tuple[int, int]) -> list[list[int]]:
+    """(y, x, class) at the scoring size -> [y, x] in original pixels (nearest-resize rule)."""
+    (h, w), (oh, ow) = small, original
+    return [[min(oh - 1, y * oh // h), min(ow - 1, x * ow // w)] for y, x, _ in points]
+
+
+def labor_rows(
+    al: ALConfig, pool: pa.Table, scores: pa.Table, budget: int, labeled_mask: Callable[[str], np.ndarray | None],
+    labeled_pixels: dict[str, int], checkpoints: str, image_size: tuple[int, int], store: ArtifactStore,
+    masks_prefix: str, store_cfg: StoreConfig,
+) -> list[dict]:
+    """Selection rows for ``labor_spl`` (pixels, budget in pixels) or ``labor_ppl`` (points, clicks)."""
+    from segrl.engine.score import decode_frames
+    from segrl.scoring import PoolScorer, inspect_checkpoints
+
+    info = {i: (u, h, w) for i, u, h, w in zip(*(pool.column(c).to_pylist()
+                                                 for c in ("id", "image_uri", "height", "width")), strict=True)}
+    ids = scores.column("id").to_pylist()
+    counts = np.asarray(scores.column("disagree_pixels").to_pylist(), dtype=np.int64)
+    full = {i for i in ids if labeled_pixels.get(i, 0) >= info[i][1] * info[i][2]}
+    if al.acquisition == "labor_spl":
+        chosen = select_spl_images(ids, counts, budget, exclude=full)
+    else:
+        chosen = select_ppl_images(ids, counts, al.points_per_image, budget, exclude=full)
+    if not chosen:
+        return []
+    endpoint = store_cfg.endpoint_url or None
+    scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
+                        inspect_checkpoints(checkpoints, endpoint))
+    frames = decode_frames(pa.table({"id": chosen, "image_uri": [info[i][0] for i in chosen],
+                                     "shard": [0] * len(chosen), "row": list(range(len(chosen)))}),
+                           image_size, endpoint)
+    rows, remaining = [], budget
+    for k, image_id in enumerate(chosen):
+        uri, oh, ow = info[image_id]
+        mask, discrepancy, pred, features = (t[0] for t in scorer.labor_maps(frames["image"][k : k + 1]))
+        labeled = labeled_mask(image_id)
+        labeled = np.zeros((oh, ow), bool) if labeled is None else labeled
+        small_labeled = to_grid(labeled, image_size)
+        if al.acquisition == "labor_spl":
+            row = _spl_row(image_id, uri, (oh, ow), image_size, mask, discrepancy, labeled, small_labeled,
+                           remaining, store, masks_prefix)
+        else:
+            row = _ppl_row(image_id, uri, (oh, ow), image_size, mask, pred, features, labeled, small_labeled,
+                           min(al.points_per_image, remaining))
+        if row is None:
+            continue
+        rows.append(row)
+        remaining -= row["cost_clicks"] if al.acquisition == "labor_ppl" else row["cost_pixels"]
+        if remaining <= 0:
+            break
+    return rows
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def _spl_row(image_id, uri, original, small, mask, discrepancy, labeled, small_labeled, remaining,
+             store, masks_prefix) -> dict | None:
+    scale = original[0] * original[1] / (small[0] * small[1])
+    cap = int(remaining / scale)
+    while cap > 0:
+        chosen = spl_pixels(discrepancy.cpu().numpy(), mask.cpu().numpy(), cap, small_labeled)
+        request = to_grid(chosen, original) & ~labeled
+        cost = int(request.sum())
+        if cost <= remaining:
+            break
+        cap = int(cap * remaining / cost)  # the upsampled mask overshot: shrink and retry
+    if cap <= 0 or cost == 0:
+        return None
+    key = f"{masks_prefix}/{image_id}.png"
+    store.write_bytes(key, encode_label_png(request.astype(np.uint8) * 255))
+    y0, x0, y1, x1 = _bbox(request)
+    return {"id": image_id, "uri": uri, "unit": "pixels", "height": original[0], "width": original[1],
+            "y0": y0, "x0": x0, "y1": y1, "x1": x1, "mask_key": key, "points": [],
+            "cost_pixels": cost, "cost_clicks": 0}
+
+
+def _ppl_row(image_id, uri, original, small, mask, pred, features, labeled, small_labeled,
+             count) -> dict | None:
+    if count <= 0:
+        return None
+    found = ppl_points(pred.cpu().numpy(), mask.cpu().numpy(), features.cpu().numpy(), count, small_labeled)
+    points = [p for p in scale_points(found, small, original) if not labeled[p[0], p[1]]]
+    points = [list(p) for p in dict.fromkeys(tuple(p) for p in points)]
+    if not points:
+        return None
+    ys, xs = [p[0] for p in points], [p[1] for p in points]
+    return {"id": image_id, "uri": uri, "unit": "points", "height": original[0], "width": original[1],
+            "y0": min(ys), "x0": min(xs), "y1": max(ys) + 1, "x1": max(xs) + 1, "mask_key": "",
+            "points": points, "cost_pixels": len(points), "cost_clicks": len(points)}

@@ -1,0 +1,421 @@
+"""The STAL loop: rounds of select -> label -> train -> score, resumable from the store.
+
+Round 0 selects the initial labeled images (random, or ``al.initial_ids``); round r > 0
+selects from round r-1's scores under the round's budget. Every round trains a model
+(Ray Train, any recipe; warm-started from the previous round's with ``al.warm_start``,
+as STAL's incremental retraining) and scores the pool with it (Ray Data), except that
+the last round only trains. Layout under ``<store.root>/<run>/``::
+
+    config.yaml                 the resolved config
+    state.json                  steps done, the step log, status (written atomically after each step)
+    pool.parquet                the pool: id, image_uri
+    labels/<id>.png             every label so far, merged (255 = unlabeled)
+    labels/requested/<id>.png   every pixel asked for so far (255), labeled or answered "void"
+    labels/index.parquet        id, image_uri, height, width, labeled and requested pixels
+    rounds/<NN>/selection.parquet   what was asked for, with its cost
+    rounds/<NN>/labels/         the sparse answers of that round (oracle or imported)
+    rounds/<NN>/labeling/       (external) manifest, masks and README for annotators
+    rounds/<NN>/model/          the round's training run: train/ckpt_*, snapshots/ckpt_* (K)
+    rounds/<NN>/scores.parquet, regions.parquet, errors.parquet   the round's scoring
+    rounds/<NN>/metrics.json    eval mIoU, per-class IoU, labels so far, seconds per step
+    metrics.json, report.md, miou_vs_labeled.png   across rounds
+
+A step is recorded in ``state.json`` only after its outputs are written, and each step
+rewrites the same outputs if it is run again, so a rerun after a crash continues with
+the first unfinished step and never repeats a finished one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
+from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
+from segrl.labeling import (
+    MARKER_NAME,
+    encode_label_png,
+    export_manifest,
+    labeled_pixel_count,
+    merge_sparse,
+    oracle_label,
+    selection_table,
+    validate_selection,
+)
+from segrl.loop.report import miou_plot_png, rounds_table
+from segrl.loop.select import (
+    LABOR_ACQUISITIONS,
+    REGION_ACQUISITIONS,
+    image_row,
+    round_budget,
+    select_region_rows,
+    select_whole_images,
+)
+
+STATE_FILE = "state.json"
+POOL_FILE = "pool.parquet"
+INDEX_FILE = "labels/index.parquet"
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("image_uri", pa.string()), ("height", pa.int64()),
+                          ("width", pa.int64()), ("labeled_pixels", pa.int64()), ("requested_pixels", pa.int64())])
+
+
+@dataclass(frozen=True)
+class LoopSummary:
+    run_uri: str
+    status: str  # finished | waiting_for_labels
+    rounds: list[dict[str, Any]]
+    table: str
+    message: str = ""
+
+
+def round_dir(r: int) -> str:
+    return f"rounds/{r:02d}"
+
+
+class ActiveLearningLoop:
+    """Runs (or resumes) the loop of one run; see the module doc."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = absolute_local_paths(cfg)
+        self.al = self.cfg.al
+        self.store = run_store(self.cfg)
+        self.endpoint = self.cfg.store.endpoint_url or None
+        self._dataset = None
+
+    # ------------------------------------------------------------------ state
+
+    def _load_state(self) -> dict[str, Any]:
+        if self.store.exists(STATE_FILE):
+            return self.store.read_json(STATE_FILE)
+        return {"status": "running", "done": [], "log": []}
+
+    def _save_state(self) -> None:
+        self.store.write_json(STATE_FILE, self.state)
+
+    def _step(self, r: int, name: str, fn: Any) -> bool:
+        """Run step ``name`` of round ``r`` unless done; False while it waits for people."""
+        key = f"{r:02d}/{name}"
+        if key in self.state["done"]:
+            return True
+        started = time.perf_counter()
+        print(f"[segrl] round {r}: {name} ...", flush=True)
+        result = fn(r)
+        if result is None:
+            return False
+        seconds = time.perf_counter() - started
+        self.state["done"].append(key)
+        self.state["log"].append({"step": key, "seconds": round(seconds, 3),
+                                  "finished": datetime.now(timezone.utc).isoformat(), **result})
+        self.state["status"] = "running"
+        self._save_state()
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> LoopSummary:
+        from segrl.engine.train import preflight
+
+        preflight(self.cfg)  # bad data, weights or store fail here, before anything is written
+        record_config(self.store, self.cfg)
+        self.state = self._load_state()
+        if "num_classes" not in self.state:
+            self._write_pool()
+        for r in range(self.al.rounds + 1):
+            if not self._step(r, "select", self._select):
+                return self._summary("waiting_for_labels")
+            if not self._step(r, "label", self._label):
+                return self._summary("waiting_for_labels", self._waiting_message(r))
+            self._step(r, "train", self._train)
+            self._report()
+            if r < self.al.rounds:
+                self._step(r, "score", self._score)
+                self._report()
+        self.state["status"] = "finished"
+        self._save_state()
+        return self._summary("finished")
+
+    # ------------------------------------------------------------------ data
+
+    def _train_dataset(self) -> Any:
+        from segrl.data.build import build_dataset
+
+        if self._dataset is None:
+            self._dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=False,
+                                          endpoint_url=self.cfg.store.endpoint_url)
+        return self._dataset
+
+    def _write_pool(self) -> None:
+        """The train split as the pool (the oracle answers from its labels)."""
+        from segrl.data.pool import dataset_frames
+
+        dataset = self._train_dataset()
+        frames = dataset_frames(dataset)
+        self.store.write_table(POOL_FILE, pa.table({"id": [f[0] for f in frames], "image_uri": [f[1] for f in frames]}))
+        self.state.update(num_classes=len(dataset.classes), classes=list(dataset.classes), pool_images=len(frames))
+        self._save_state()
+
+    def _truth(self, image_id: str) -> np.ndarray:
+        dataset = self._train_dataset()
+        if not hasattr(self, "_positions"):
+            from segrl.data.build import dataset_ids
+
+            self._positions = {i: k for k, i in enumerate(dataset_ids(dataset))}
+        k = self._positions[image_id]
+        return dataset.render(k)[1] if hasattr(dataset, "render") else dataset.load(k)[1]
+
+    def _index(self) -> pa.Table:
+        if self.store.exists(INDEX_FILE):
+            return self.store.read_table(INDEX_FILE)
+        return INDEX_SCHEMA.empty_table()
+
+    def _labeled_pixels(self) -> dict[str, int]:
+        """Pixels already asked for per image: what a new request must not charge again."""
+        index = self._index()
+        return dict(zip(index.column("id").to_pylist(), index.column("requested_pixels").to_pylist(), strict=True))
+
+    def _labeled_mask(self, image_id: str) -> np.ndarray | None:
+        from segrl.data.labels import decode_label
+
+        key = f"labels/requested/{image_id}.png"
+        if not self.store.exists(key):
+            return None
+        return decode_label(self.store.read_bytes(key), self.store.uri(key)) != 0
+
+    def _scored_pool(self, r: int) -> pa.Table:
+        scores = self.store.read_table(f"{round_dir(r)}/scores.parquet")
+        return scores
+
+    # ------------------------------------------------------------------ steps
+
+    def _select(self, r: int) -> dict[str, Any]:
+        if r == 0:
+            rows = self._initial_rows()
+            budget = sum(row["cost_pixels"] for row in rows)
+        else:
+            scores = self._scored_pool(r - 1)
+            pool = scores.select(["id", "image_uri", "height", "width"])
+            pool_pixels = int(np.sum(np.asarray(pool.column("height").to_pylist()) *
+                                     np.asarray(pool.column("width").to_pylist())))
+            self.state["pool_pixels"] = pool_pixels
+            budget = round_budget(self.al, pool_pixels, pool.num_rows)
+            rows = self._acquire(r, pool, scores, budget)
+        table = _empty_or(rows)
+        self.store.write_table(f"{round_dir(r)}/selection.parquet", table)
+        return {"selected_images": len({row["id"] for row in rows}), "budget": int(budget),
+                "cost_pixels": int(sum(row["cost_pixels"] for row in rows)),
+                "cost_clicks": int(sum(row["cost_clicks"] for row in rows))}
+
+    def _initial_rows(self) -> list[dict]:
+        from segrl.data.manifest import read_bytes
+        from segrl.data.pool import load_pool_image
+
+        pool = self.store.read_table(POOL_FILE)
+        ids = pool.column("id").to_pylist()
+        uris = dict(zip(ids, pool.column("image_uri").to_pylist(), strict=True))
+        if self.al.initial_ids:
+            wanted = read_bytes(self.al.initial_ids, self.endpoint).decode().split()
+            unknown = [i for i in wanted if i not in uris]
+            if unknown:
+                raise ConfigError(f"al.initial_ids file {self.al.initial_ids} lists id {unknown[0]!r} "
+                                  f"that is not in the pool ({len(unknown)} unknown in all)")
+        else:
+            if self.al.initial_labeled > len(ids):
+                raise ConfigError(f"al.initial_labeled = {self.al.initial_labeled} exceeds the {len(ids)} "
+                                  "images of the pool")
+            order = np.random.default_rng(self.al.seed).permutation(len(ids))
+            wanted = sorted(ids[k] for k in order[: self.al.initial_labeled])
+        rows = []
+        for image_id in wanted:
+            h, w = load_pool_image(uris[image_id], self.endpoint).shape[:2]
+            rows.append(image_row(image_id, uris[image_id], h, w, h * w))
+        return rows
+
+    def _acquire(self, r: int, pool: pa.Table, scores: pa.Table, budget: int) -> list[dict]:
+        labeled = self._labeled_pixels()
+        if self.al.acquisition in REGION_ACQUISITIONS:
+            regions = self.store.read_table(f"{round_dir(r - 1)}/regions.parquet")
+            return select_region_rows(pool, regions, budget, self._labeled_mask)
+        if self.al.acquisition in LABOR_ACQUISITIONS:
+            from segrl.loop.labor import labor_rows
+            from segrl.scoring import inspect_checkpoints, resolve_image_size
+
+            checkpoints = self._snapshots(r - 1)
+            final = self.store.uri(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}/"
+                                   + sorted(self.store.list(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}"))[-1]
+                                   .rsplit("/", 1)[-1])
+            info = inspect_checkpoints(checkpoints, self.endpoint)
+            size = resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
+            return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
+                              self.store, f"{round_dir(r)}/masks", self.cfg.store)
+        return select_whole_images(self.al, pool, scores, labeled, budget)
+
+    def _label(self, r: int) -> dict[str, Any] | None:
+        selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))
+        labels_prefix = f"{round_dir(r)}/labels"
+        if selection.num_rows == 0:
+            return {"labeled_pixels": 0}
+        if self.al.labeling == "oracle":
+            counts = oracle_label(selection, self._truth, self.store, labels_prefix)
+        else:
+            if not self.store.exists(f"{labels_prefix}/{MARKER_NAME}"):
+                if not self.store.exists(f"{round_dir(r)}/labeling/manifest.json"):
+                    export_manifest(selection, self.store, f"{round_dir(r)}/labeling", self.state["classes"])
+                self.state["status"] = "waiting_for_labels"
+                self.state["waiting_round"] = r
+                self._save_state()
+                return None
+            counts = self.store.read_json(f"{labels_prefix}/{MARKER_NAME}")
+            counts = {k: v for k, v in counts.items() if isinstance(v, int)}
+        self._merge(selection, labels_prefix)
+        return counts
+
+    def _merge(self, selection: pa.Table, labels_prefix: str) -> None:
+        """Fold a round's sparse answers and requests into ``labels/``: idempotent, so a rerun is safe."""
+        from segrl.labeling import requested_mask, rows_by_image, store_mask_reader
+
+        index = {row["id"]: row for row in self._index().to_pylist()}
+        read_mask = store_mask_reader(self.store)
+        for image_id, rows in rows_by_image(selection).items():
+            new = self._read_png(f"{labels_prefix}/{image_id}.png")
+            if new is None:
+                continue
+            merged = merge_sparse(self._read_png(f"labels/{image_id}.png"), new)
+            asked = requested_mask(rows, read_mask)
+            before = self._read_png(f"labels/requested/{image_id}.png")
+            if before is not None:
+                asked |= before != 0
+            self.store.write_bytes(f"labels/{image_id}.png", encode_label_png(merged))
+            self.store.write_bytes(f"labels/requested/{image_id}.png", encode_label_png(asked.astype(np.uint8) * 255))
+            row = rows[0]
+            index[image_id] = {"id": image_id, "image_uri": row["uri"], "height": row["height"], "width": row["width"],
+                               "labeled_pixels": labeled_pixel_count(merged), "requested_pixels": int(asked.sum())}
+        rows = [index[i] for i in sorted(index)]
+        self.store.write_table(INDEX_FILE, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+
+    def _read_png(self, key: str) -> np.ndarray | None:
+        from segrl.data.labels import decode_label
+
+        return decode_label(self.store.read_bytes(key), self.store.uri(key)) if self.store.exists(key) else None
+
+    def _snapshots(self, r: int) -> str:
+        return self.store.uri(f"{round_dir(r)}/model/{SNAPSHOT_DIR}")
+
+    def _train(self, r: int) -> dict[str, Any]:
+        from segrl.engine.train import train
+
+        index = self._index()
+        labeled = pa.table({"id": index.column("id"), "image_uri": index.column("image_uri"),
+                            "label_uri": pa.array([self.store.uri(f"labels/{i}.png")
+                                                   for i in index.column("id").to_pylist()])})
+        manifest = f"{round_dir(r)}/labeled.parquet"
+        self.store.write_table(manifest, labeled)
+        method = self.cfg.method
+        changes: dict[str, Any] = {
+            "run": "model", "store.root": self.store.uri(round_dir(r)),
+            "data.labeled_manifest": self.store.uri(manifest), "data.labeled_count": 0, "data.labeled_ids": "",
+            "data.unlabeled_pool": self.store.uri(POOL_FILE),
+            "train.snapshots": method.checkpoints_k if self.al.acquisition == "stability" else 1,
+            "method.labor_selector": self.al.acquisition in LABOR_ACQUISITIONS,
+        }
+        if method.name in ("st", "st_pp"):
+            changes["method.name"] = "supervised"  # multi-stage ST is not a per-round recipe
+        if self.al.warm_start and r > 0:
+            previous = sorted(self.store.list(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}"))[-1].rsplit("/", 1)[-1]
+            changes["model.weights"] = self.store.uri(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}/{previous}/checkpoint.pt")
+        summary = train(replace(self.cfg, **changes))
+        metrics = summary.metrics
+        return {"val_miou": metrics.get("val_miou"), "steps": metrics.get("step")}
+
+    def _score(self, r: int) -> dict[str, Any]:
+        from segrl.engine.score import score_pool
+
+        al = self.al
+        signals = {"entropy": ("entropy",), "stability": ("stability",), "random": ("confidence",)}.get(
+            al.acquisition, ("entropy",))
+        score_cfg = ScoreConfig(
+            name=f"round{r:02d}", pool=self.store.uri(POOL_FILE), checkpoints=self._snapshots(r),
+            out=self.store.uri(round_dir(r)), signals=signals,
+            region_size=tuple(al.region_size),
+            region_score="impurity_uncertainty" if al.acquisition == "region_impurity" else "entropy",
+            regions_top_r=al.regions_top_r if al.acquisition in REGION_ACQUISITIONS else 0,
+            store=self.cfg.store, compute=self.cfg.compute,
+        )
+        score_cfg.validate()
+        summary = score_pool(score_cfg, progress=False)
+        return {"scored": summary.scored, "errors": summary.errors}
+
+    # ------------------------------------------------------------------ reports
+
+    def _round_rows(self) -> list[dict[str, Any]]:
+        log = {entry["step"]: entry for entry in self.state["log"]}
+        pool_pixels = self.state.get("pool_pixels")
+        rows, labeled_pixels, clicks = [], 0, 0
+        for r in range(self.al.rounds + 1):
+            if f"{r:02d}/train" not in log:
+                break
+            selection = self.store.read_table(f"{round_dir(r)}/selection.parquet")
+            clicks += int(sum(selection.column("cost_clicks").to_pylist()))
+            labeled_pixels += int(log.get(f"{r:02d}/select", {}).get("cost_pixels", 0))
+            metrics = self.store.read_json(f"{round_dir(r)}/model/metrics.json")
+            if pool_pixels is None and self.store.exists(f"{round_dir(r)}/scores.parquet"):
+                scores = self._scored_pool(r)
+                pool_pixels = int(np.sum(np.asarray(scores.column("height").to_pylist()) *
+                                         np.asarray(scores.column("width").to_pylist())))
+            images = self._labeled_images_after(r)
+            row = {
+                "round": r, "labeled_images": images, "labeled_pixels": labeled_pixels, "clicks": clicks,
+                "labeled_share": labeled_pixels / pool_pixels if pool_pixels else 0.0,
+                "val_miou": metrics.get("val_miou"), "val_iou_per_class": metrics.get("val_iou_per_class"),
+                "seconds": {step: log[f"{r:02d}/{step}"]["seconds"] for step in ("select", "label", "train", "score")
+                            if f"{r:02d}/{step}" in log},
+            }
+            rows.append(row)
+            self.store.write_json(f"{round_dir(r)}/metrics.json", row)
+        return rows
+
+    def _labeled_images_after(self, r: int) -> int:
+        ids: set[str] = set()
+        for k in range(r + 1):
+            selection = self.store.read_table(f"{round_dir(k)}/selection.parquet")
+            ids.update(selection.column("id").to_pylist())
+        return len(ids)
+
+    def _report(self) -> None:
+        rows = self._round_rows()
+        if not rows:
+            return
+        table = rounds_table(rows)
+        self.store.write_json("metrics.json", {"rounds": rows, "acquisition": self.al.acquisition,
+                                               "method": self.cfg.method.name})
+        self.store.write_text("report.md", f"# {self.cfg.run_name}: {self.al.acquisition}, "
+                                           f"{self.cfg.method.name}\n\n{table}\n")
+        self.store.write_bytes("miou_vs_labeled.png",
+                               miou_plot_png(rows, f"{self.cfg.run_name} ({self.al.acquisition})"))
+
+    def _summary(self, status: str, message: str = "") -> LoopSummary:
+        rows = self._round_rows()
+        return LoopSummary(run_uri=self.store.uri(), status=status, rounds=rows, table=rounds_table(rows),
+                           message=message)
+
+    def _waiting_message(self, r: int) -> str:
+        return (
+            f"round {r}: waiting for labels. Annotators: see {self.store.uri(round_dir(r) + '/labeling/README.md')}.\n"
+            f"Then: python jobs/import_labels.py --run {self.store.uri()} --round {r} --labels <folder of PNGs>\n"
+            f"and rerun this job to continue."
+        )
+
+
+def _empty_or(rows: list[dict]) -> pa.Table:
+    from segrl.labeling import SELECTION_SCHEMA
+
+    return selection_table(rows) if rows else SELECTION_SCHEMA.empty_table()
+
+
+def run_loop(cfg: ExperimentConfig) -> LoopSummary:
+    """Run or resume the active-learning loop ``cfg`` describes."""
+    return ActiveLearningLoop(cfg).run()
