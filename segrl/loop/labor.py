@@ -17,10 +17,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from segrl.acquisition.labor import ppl_points, select_ppl_images, select_spl_images, spl_pixels
+from segrl.acquisition.labor import ppl_points, select_ppl_images, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
 from segrl.labeling import encode_label_png
 from segrl.storage import ArtifactStore
+
+CHUNK = 16
 
 
 def to_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -51,7 +53,9 @@ def labor_rows(
     counts = np.asarray(scores.column("disagree_pixels").to_pylist(), dtype=np.int64)
     full = {i for i in ids if labeled_pixels.get(i, 0) >= info[i][1] * info[i][2]}
     if al.acquisition == "labor_spl":
-        chosen = select_spl_images(ids, counts, budget, exclude=full)
+        # most disagreement first; the last image's mask is cut to what is left of the budget
+        chosen = [ids[k] for k in np.lexsort((np.asarray(ids, dtype=object).astype(str), -counts))
+                  if counts[k] > 0 and ids[k] not in full]
     else:
         chosen = select_ppl_images(ids, counts, al.points_per_image, budget, exclude=full)
     if not chosen:
@@ -59,29 +63,35 @@ def labor_rows(
     endpoint = store_cfg.endpoint_url or None
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
-    frames = decode_frames(pa.table({"id": chosen, "image_uri": [info[i][0] for i in chosen],
-                                     "shard": [0] * len(chosen), "row": list(range(len(chosen)))}),
-                           image_size, endpoint)
     rows, remaining = [], budget
-    for k, image_id in enumerate(chosen):
-        uri, oh, ow = info[image_id]
-        mask, discrepancy, pred, features = (t[0] for t in scorer.labor_maps(frames["image"][k : k + 1]))
-        labeled = labeled_mask(image_id)
-        labeled = np.zeros((oh, ow), bool) if labeled is None else labeled
-        small_labeled = to_grid(labeled, image_size)
-        if al.acquisition == "labor_spl":
-            row = _spl_row(image_id, uri, (oh, ow), image_size, mask, discrepancy, labeled, small_labeled,
-                           remaining, store, masks_prefix)
-        else:
-            row = _ppl_row(image_id, uri, (oh, ow), image_size, mask, pred, features, labeled, small_labeled,
-                           min(al.points_per_image, remaining))
-        if row is None:
-            continue
-        rows.append(row)
-        remaining -= row["cost_clicks"] if al.acquisition == "labor_ppl" else row["cost_pixels"]
-        if remaining <= 0:
-            break
+    for start in range(0, len(chosen), CHUNK):  # decode only as many images as the budget needs
+        part = chosen[start : start + CHUNK]
+        frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
+                                         "shard": [0] * len(part), "row": list(range(len(part)))}),
+                               image_size, endpoint)
+        for k, image_id in enumerate(part):
+            row = _request(al, scorer, frames["image"][k : k + 1], image_id, info[image_id], image_size,
+                           labeled_mask, remaining, store, masks_prefix)
+            if row is None:
+                continue
+            rows.append(row)
+            remaining -= row["cost_clicks"] if al.acquisition == "labor_ppl" else row["cost_pixels"]
+            if remaining <= 0:
+                return rows
     return rows
+
+
+def _request(al, scorer, image, image_id, info, image_size, labeled_mask, remaining, store, masks_prefix):
+    uri, oh, ow = info
+    mask, discrepancy, pred, features = (t[0] for t in scorer.labor_maps(image))
+    labeled = labeled_mask(image_id)
+    labeled = np.zeros((oh, ow), bool) if labeled is None else labeled
+    small_labeled = to_grid(labeled, image_size)
+    if al.acquisition == "labor_spl":
+        return _spl_row(image_id, uri, (oh, ow), image_size, mask, discrepancy, labeled, small_labeled,
+                        remaining, store, masks_prefix)
+    return _ppl_row(image_id, uri, (oh, ow), image_size, mask, pred, features, labeled, small_labeled,
+                    min(al.points_per_image, remaining))
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -322,6 +322,10 @@ class ActiveLearningLoop:
             "train.snapshots": method.checkpoints_k if self.al.acquisition == "stability" else 1,
             "method.labor_selector": self.al.acquisition in LABOR_ACQUISITIONS,
         }
+        per_worker = max(1, index.num_rows // self.cfg.compute.num_workers)
+        if self.cfg.train.batch_size > per_worker:
+            # early rounds may hold fewer labeled images than a batch: use them all each step
+            changes["train.batch_size"] = per_worker
         if method.name in ("st", "st_pp"):
             changes["method.name"] = "supervised"  # multi-stage ST is not a per-round recipe
         if self.al.warm_start and r > 0:

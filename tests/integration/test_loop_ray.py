@@ -1,0 +1,152 @@
+"""The active-learning loop end to end on a local Ray cluster, synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from segrl.config import load_config
+from segrl.labeling import LabelImportError, import_labels
+from segrl.loop.run import run_loop
+from segrl.storage import open_store
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "data.synthetic_train_images=16",
+    "data.synthetic_val_images=4",
+    "data.synthetic_size=[48,64]",
+    "data.crop_size=[48,64]",
+    "train.steps=2",
+    "train.batch_size=4",
+    "train.log_every_steps=1000",
+    "compute.num_workers=1",
+    "compute.cpus_per_worker=0.5",
+    "compute.threads_per_worker=1",
+    "al.initial_labeled=4",
+    "al.budget_per_round=0.25",
+    "al.region_size=[16,16]",
+    "al.regions_top_r=4",
+]
+
+
+def tiny(root: Path, run: str, *extra: str):
+    return load_config(str(REPO / "configs" / "stal_synthetic.yaml"),
+                       [*TINY, f"store.root={root}", f"run={run}", *extra])
+
+
+def steps_logged(run: Path) -> list[str]:
+    return [entry["step"] for entry in json.loads((run / "state.json").read_text())["log"]]
+
+
+def labeled_set(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "labels" / "requested").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_killed_driver_resumes_to_the_same_labels_without_repeating_a_step(tmp_path: Path):
+    args = [*TINY, f"store.root={tmp_path}", "al.rounds=1", "al.acquisition=random"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, str(REPO / "jobs" / "stal_loop.py"), *args]
+    reference = subprocess.run([*command, "run=reference"], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    victim = subprocess.Popen([*command, "run=victim"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "victim" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill while round 1 (the second round) trains
+            if state.exists() and "01/label" in json.loads(state.read_text())["done"]:
+                break
+            assert victim.poll() is None, "the loop ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("round 1 never started")
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    assert "01/train" not in json.loads(state.read_text())["done"]
+
+    resumed = subprocess.run([*command, "run=victim"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = steps_logged(tmp_path / "victim")
+    assert len(log) == len(set(log)), f"a step ran twice: {log}"
+    assert log == steps_logged(tmp_path / "reference")
+    assert labeled_set(tmp_path / "victim") == labeled_set(tmp_path / "reference")
+    assert "status:  finished" in resumed.stdout
+    assert (tmp_path / "victim" / "miou_vs_labeled.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_external_labeling_round_trip_rejects_a_bad_import_whole(tmp_path: Path, ray_cluster):
+    cfg = tiny(tmp_path, "external", "al.rounds=0", "al.labeling=external", "al.initial_labeled=3")
+    waiting = run_loop(cfg)
+    assert waiting.status == "waiting_for_labels" and "import_labels.py" in waiting.message
+    run = tmp_path / "external"
+    manifest = json.loads((run / "rounds/00/labeling/manifest.json").read_text())
+    entries = manifest["images"]
+    assert len(entries) == 3
+    selection = pq.read_table(run / "rounds/00/selection.parquet")
+    store = open_store(str(run))
+    from segrl.data.pool import synthetic_label
+
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    truth = {}
+    for image_id, uri in zip(selection.column("id").to_pylist(), selection.column("uri").to_pylist(), strict=True):
+        truth[image_id] = synthetic_label(uri)
+        Image.fromarray(truth[image_id]).save(answers / f"{image_id}.png")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for image_id in truth:
+        Image.fromarray(np.full((10, 10), 1, np.uint8)).save(bad / f"{image_id}.png")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(LabelImportError, match="size"):
+        import_labels(selection, str(bad), store, "rounds/00/labels", num_classes=11)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing imported
+
+    import_labels(selection, str(answers), store, "rounds/00/labels", num_classes=11)
+    finished = run_loop(cfg)
+    assert finished.status == "finished" and len(finished.rounds) == 1
+    for image_id, label in truth.items():
+        merged = np.array(Image.open(run / "labels" / f"{image_id}.png"))
+        assert (merged == label).all()  # whole images were asked for: every pixel came back
+
+
+def test_labor_spl_round_requests_disagreement_pixels_within_budget(tmp_path: Path, ray_cluster):
+    summary = run_loop(tiny(tmp_path, "labor", "al.rounds=1", "al.acquisition=labor_spl", "al.budget_per_round=0.05"))
+    run = tmp_path / "labor"
+    assert summary.status == "finished" and len(summary.rounds) == 2
+    selection = pq.read_table(run / "rounds/01/selection.parquet").to_pylist()
+    budget = int(0.05 * 16 * 48 * 64)
+    assert selection and all(row["unit"] == "pixels" for row in selection)
+    assert sum(row["cost_pixels"] for row in selection) <= budget
+    initial = {row["id"] for row in pq.read_table(run / "rounds/00/selection.parquet").to_pylist()}
+    assert not initial & {row["id"] for row in selection}  # fully labeled images are never asked again
+    for row in selection:
+        mask = np.array(Image.open(run / row["mask_key"])) > 0
+        assert mask.sum() == row["cost_pixels"]
+    scores = pq.read_table(run / "rounds/00/scores.parquet")
+    assert "disagree_pixels" in scores.column_names
