@@ -1,0 +1,93 @@
+"""The loop's selection rules on hand-built score tables: budgets, no double charging,
+region non-overlap, determinism; LabOR's mapping to original pixels; the round report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from segrl.config import ALConfig, ConfigError, load_config
+from segrl.loop.labor import scale_points, to_grid
+from segrl.loop.report import miou_plot_png, rounds_table
+from segrl.loop.select import round_budget, select_region_rows, select_whole_images
+
+
+def pool(n: int = 5, h: int = 10, w: int = 10) -> pa.Table:
+    ids = [f"img{i}" for i in range(n)]
+    return pa.table({"id": ids, "image_uri": [f"/x/{i}.png" for i in ids], "height": [h] * n, "width": [w] * n})
+
+
+def scores(values: list[float]) -> pa.Table:
+    return pa.table({"id": [f"img{i}" for i in range(len(values))], "entropy_mean": values,
+                     "instability": values[::-1]})
+
+
+def test_round_budget_in_each_unit():
+    assert round_budget(ALConfig(budget_per_round=0.1), 1000, 10) == 100
+    assert round_budget(ALConfig(budget_per_round=2, budget_unit="images"), 1000, 10) == 200
+    assert round_budget(ALConfig(budget_per_round=37, budget_unit="pixels"), 1000, 10) == 37
+    assert round_budget(ALConfig(budget_per_round=25, budget_unit="clicks", acquisition="labor_ppl"), 1000, 10) == 25
+
+
+def test_entropy_picks_the_most_uncertain_images_that_fit_and_never_a_fully_asked_one():
+    al = ALConfig(acquisition="entropy")
+    rows = select_whole_images(al, pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {"img0": 100}, budget=250)
+    # img0 is fully asked for already; img2 (0.8), img4 (0.7) fit, img3 would exceed 250
+    assert [r["id"] for r in rows] == ["img2", "img4"]
+    assert all(r["unit"] == "image" and r["cost_pixels"] == 100 for r in rows)
+
+
+def test_a_partly_labeled_image_costs_only_its_remaining_pixels():
+    rows = select_whole_images(ALConfig(acquisition="entropy"), pool(2), scores([0.9, 0.1]), {"img0": 64}, budget=36)
+    assert [(r["id"], r["cost_pixels"]) for r in rows] == [("img0", 36)]
+
+
+def test_stability_selection_uses_instability_and_random_is_seeded():
+    rows = select_whole_images(ALConfig(acquisition="stability"), pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {}, 100)
+    assert [r["id"] for r in rows] == ["img4"]  # instability [0.7, 0.5, 0.8, 0.1, 0.9]: img4 is least stable
+    a = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300)
+    b = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300)
+    c = select_whole_images(ALConfig(acquisition="random", seed=4), pool(), None, {}, 300)
+    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 3
+    assert [r["id"] for r in a] != [r["id"] for r in c]
+
+
+def test_regions_never_overlap_and_never_charge_asked_pixels_twice():
+    regions = pa.table({"id": ["img0", "img0", "img1", "img1"], "y0": [0, 0, 0, 5], "x0": [0, 2, 0, 5],
+                        "y1": [4, 4, 4, 10], "x1": [4, 6, 4, 10], "score": [0.9, 0.8, 0.7, 0.6]})
+    asked = {"img1": np.zeros((10, 10), bool)}
+    asked["img1"][0:2, 0:4] = True  # 8 of img1's first region's 16 pixels were asked for before
+    rows = select_region_rows(pool(2), regions, budget=16 + 8 + 25, labeled_mask=asked.get)
+    assert [(r["id"], r["y0"], r["x0"], r["cost_pixels"]) for r in rows] == [
+        ("img0", 0, 0, 16),  # the overlapping img0 region (0.8) is skipped
+        ("img1", 0, 0, 8),
+        ("img1", 5, 5, 25),
+    ]
+    assert sum(r["cost_pixels"] for r in rows) <= 49
+
+
+def test_labor_points_map_to_the_pixels_nearest_resize_keeps():
+    assert scale_points([(0, 0, 1), (3, 5, 2)], small=(4, 6), original=(8, 12)) == [[0, 0], [6, 10]]
+    small = np.zeros((4, 6), bool)
+    small[1, 2] = True
+    big = to_grid(small, (8, 12))
+    assert big.sum() == 4 and big[2:4, 4:6].all()
+
+
+def test_budget_unit_clicks_is_for_points_only():
+    with pytest.raises(ConfigError, match="al.budget_unit"):
+        load_config(overrides=["al.budget_unit=clicks", "al.budget_per_round=10"])
+    with pytest.raises(ConfigError, match="al.acquisition"):
+        load_config(overrides=["al.acquisition=entropyy"])
+
+
+def test_report_table_and_plot():
+    rows = [{"round": 0, "labeled_images": 4, "labeled_pixels": 400, "labeled_share": 0.04, "clicks": 0,
+             "val_miou": 0.25, "seconds": {"select": 0.1, "label": 0.2, "train": 30.0, "score": 5.0}},
+            {"round": 1, "labeled_images": 6, "labeled_pixels": 600, "labeled_share": 0.06, "clicks": 0,
+             "val_miou": 0.3, "seconds": {"select": 0.1, "label": 0.2, "train": 31.0}}]
+    table = rounds_table(rows)
+    assert "| 0 | 4 | 400 | 4.000 | 0 | 25.00 | 0.1 | 0.2 | 30.0 | 5.0 |" in table
+    assert table.splitlines()[-1].endswith("| 31.0 | - |")
+    assert miou_plot_png(rows, "t")[:4] == b"\x89PNG"
