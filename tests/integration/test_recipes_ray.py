@@ -43,7 +43,7 @@ def losses(metrics: dict) -> list[float]:
 
 
 def test_proda_with_contrastive_and_adversarial_terms_then_distillation(tmp_path: Path):
-    source = train(load_config(overrides=[*TINY, f"store.root={tmp_path}", "name=source", "train.epochs=1"]))
+    train(load_config(overrides=[*TINY, f"store.root={tmp_path}", "name=source", "train.epochs=1"]))
     weights = next((tmp_path / "source" / "train").glob("ckpt_*")) / "checkpoint.pt"
     proda = train(load_config(overrides=[
         *TINY, f"store.root={tmp_path}", "name=proda", "train.epochs=3", "method.name=proda",
