@@ -15,6 +15,7 @@ A sweep file is YAML::
       scheduler: none                           # or asha (early stopping by epoch)
       num_samples: 1
       max_concurrent_trials: 0                  # 0 = as many as the cluster fits
+      trial: train                              # or loop: each trial is a whole AL loop (al.* keys)
 
 Every key of ``space`` is checked against the experiment schema (and every grid value
 and range end point against its type and limits) before any trial starts.
@@ -55,6 +56,7 @@ class TuneSettings:
     num_samples: int = 1
     max_concurrent_trials: int = 0
     grace_period: int = 1
+    trial: str = "train"  # train: one training run (st / st_pp: the whole pipeline) | loop: a whole AL loop
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(f"{path}: tune.mode = {settings.mode!r} must be max or min")
     if settings.scheduler not in ("none", "asha"):
         raise ConfigError(f"{path}: tune.scheduler = {settings.scheduler!r} must be none or asha")
+    if settings.trial not in ("train", "loop"):
+        raise ConfigError(f"{path}: tune.trial = {settings.trial!r} must be train or loop")
+    multi_stage = settings.trial == "loop" or base.get("method", {}).get("name") in ("st", "st_pp") or any(
+        "st" in d.values or "st_pp" in d.values for k, d in space.items() if k == "method.name")
+    if settings.scheduler == "asha" and multi_stage:
+        raise ConfigError(f"{path}: tune.scheduler = asha stops trials by epoch; loops and ST/ST++ "
+                          "pipelines report once at the end: use scheduler none")
     name = raw.get("name") or path.stem
     return Sweep(name=name, base=base, space=space, tune=settings)
 

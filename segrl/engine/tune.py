@@ -75,13 +75,25 @@ def make_trial_function(sweep: Sweep):
                                      f"run={_trial_run_name(trial_id)}"])
         cfg = config_from_dict(raw)
         store = run_store(cfg)
-        if store.exists(METRICS_FILE):
+        if store.exists(METRICS_FILE) and sweep.tune.trial == "train" and cfg.method.name not in ("st", "st_pp"):
             # This trial's run had finished when the sweep was interrupted, before Tune
             # recorded it: report its final result instead of training again.
             final = store.read_json(METRICS_FILE)
             tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
             return
-        train(cfg, callbacks=[TuneReportCallback()])
+        if sweep.tune.trial == "loop":
+            from segrl.loop.run import run_loop
+
+            final = run_loop(cfg).rounds[-1]
+            tune.report({"val_miou": final["val_miou"], "labeled_share": final["labeled_share"],
+                         "epoch": final["round"]})
+        elif cfg.method.name in ("st", "st_pp"):
+            from segrl.engine.selftrain import run_self_training
+
+            metrics = run_self_training(cfg).metrics
+            tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        else:
+            train(cfg, callbacks=[TuneReportCallback()])
 
     return run_trial
 

@@ -31,7 +31,7 @@ EXPECTED = (
 )
 
 # Named by cluster/kuberay/rayjob.yaml before they exist: lands with the loop issue.
-UPCOMING = frozenset({"jobs/stal_loop.py", "configs/camvid_stal.yaml"})
+UPCOMING: frozenset[str] = frozenset()  # files cluster/ may name before they exist
 
 STAL_ENTRYPOINT = "python jobs/stal_loop.py --config configs/camvid_stal.yaml"
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
