@@ -43,9 +43,11 @@ class ShardSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         pad: bool = True,
+        repeats: int = 1,
     ) -> None:
         self.size, self.rank, self.world = size, rank, world
         self.seed, self.shuffle, self.pad = seed, shuffle, pad
+        self.repeats = repeats  # passes over the data per epoch (over-sampling a small set)
         self.epoch = 0
         self.start = 0
 
@@ -53,11 +55,15 @@ class ShardSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def indices(self) -> list[int]:
-        order = np.arange(self.size)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            passes = [np.random.default_rng([self.seed, self.epoch, k]).permutation(self.size) if k else
+                      np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+                      for k in range(self.repeats)]
+        else:
+            passes = [np.arange(self.size)] * self.repeats
+        order = np.concatenate(passes)
         if self.pad:
-            per_rank = math.ceil(self.size / self.world)
+            per_rank = math.ceil(order.size / self.world)
             order = np.resize(order, per_rank * self.world)
         return order[self.rank :: self.world].tolist()
 

@@ -39,8 +39,9 @@ METRICS_FILE = "metrics.json"
 LABELED_IDS_FILE = "labeled_ids.txt"
 TARGET_EVAL_IDS_FILE = "target_eval_ids.txt"
 SNAPSHOT_DIR = "snapshots"
+STEPS_EPOCHS = 5  # epochs of a train.steps run, when the labeled set is small
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.steps", "train.log_every_steps", "train.eval_every_epochs")
+RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs")
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
             f"{len(train_sampler)} labeled training images each of {world} workers gets"
         )
+    if tcfg.steps:
+        # A small labeled set would make thousands of tiny epochs (an eval and a checkpoint
+        # each): repeat it within an epoch instead, about STEPS_EPOCHS epochs per run.
+        train_sampler.repeats = max(1, math.ceil(tcfg.steps / (STEPS_EPOCHS * steps_per_epoch)))
+        steps_per_epoch = len(train_sampler) // n_source
     epochs = math.ceil(tcfg.steps / steps_per_epoch) if tcfg.steps else tcfg.epochs
     total_steps = steps_per_epoch * epochs
 
@@ -310,7 +316,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model.train()
     for epoch in range(step // steps_per_epoch, epochs):
         offset = step - epoch * steps_per_epoch
-        train_sampler.set_epoch(epoch, start=offset * tcfg.batch_size)
+        train_sampler.set_epoch(epoch, start=offset * n_source)
         loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True)
         loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}

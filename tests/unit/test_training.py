@@ -66,3 +66,16 @@ def test_optimizer_skips_weight_decay_on_biases_and_norms():
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and len(decayed["params"]) == 1
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
+
+
+def test_sampler_repeats_a_small_set_within_an_epoch_and_stays_deterministic():
+    from segrl.training import ShardSampler
+
+    sampler = ShardSampler(3, rank=0, world=2, seed=1, repeats=3)
+    other = ShardSampler(3, rank=1, world=2, seed=1, repeats=3)
+    assert len(sampler) == len(other) == 5  # 9 draws padded to 10, split in two
+    whole = ShardSampler(3, seed=1, repeats=3).indices()
+    assert sorted(whole) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every image once per pass
+    assert ShardSampler(3, seed=1, repeats=3).indices()[:3] == ShardSampler(3, seed=1).indices()  # first pass unchanged
+    again = ShardSampler(3, rank=0, world=2, seed=1, repeats=3)
+    assert again.indices() == sampler.indices()
