@@ -94,9 +94,12 @@ class DataConfig:
         if (self.target_eval_count or self.target_labeled_count) and not self.target_prefixes:
             _fail("data.target_prefixes", list(self.target_prefixes),
                   "must name the target sequences when target_eval_count or target_labeled_count is set")
-        if self.target_prefixes and (self.labeled_ids or self.labeled_count or self.labeled_manifest):
+        if self.target_prefixes and (self.labeled_ids or self.labeled_count):
             _fail("data.target_prefixes", list(self.target_prefixes),
-                  "cannot be combined with data.labeled_ids / labeled_count / labeled_manifest")
+                  "cannot be combined with data.labeled_ids / labeled_count")
+        if self.target_prefixes and self.labeled_manifest and self.target_labeled_count:
+            _fail("data.target_labeled_count", self.target_labeled_count,
+                  "cannot be combined with data.labeled_manifest (it lists the labeled target frames)")
         if len(self.batch_ratio) != 3 or min(self.batch_ratio) < 0 or self.batch_ratio[0] + self.batch_ratio[1] <= 0:
             _fail("data.batch_ratio", list(self.batch_ratio),
                   "must be [labeled source, labeled target, unlabeled] >= 0 with some labeled share")

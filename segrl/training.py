@@ -180,6 +180,10 @@ def cycle_batches(
 ) -> Iterator[dict[str, Any]]:
     """Endless batches of this rank's shard of ``dataset``, reshuffled on every pass."""
     sampler = ShardSampler(len(dataset), rank, world, seed=seed)
+    if len(sampler) < batch_size:
+        # drop_last would yield no batch at all and this generator would spin forever
+        raise ValueError(f"{len(dataset)} images ({len(sampler)} per worker) cannot fill a batch of "
+                         f"{batch_size}: lower train.batch_size or the data.batch_ratio share of this set")
     epoch = 0
     while True:
         sampler.set_epoch(epoch)

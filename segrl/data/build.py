@@ -165,7 +165,8 @@ def build_training_sets(cfg: DataConfig, seed: int, endpoint_url: str = "") -> T
     * ``target_prefixes``: train frames whose id starts with a prefix are the target
       domain; ``target_eval_count`` of them (a fixed draw, the same for every seed) are
       evaluated instead of the val split, ``target_labeled_count`` keep their labels
-      and the rest are the unlabeled target;
+      (or ``labeled_manifest`` lists the labeled target frames: the loop's) and the
+      rest are the unlabeled target; the other frames are the labeled source;
     * ``unlabeled_pool`` (any pool) and ``pseudo_manifest`` add unlabeled images.
     """
     from segrl.data.labels import DataError
@@ -231,6 +232,11 @@ def _split_domains(cfg: DataConfig, train: Dataset, seed: int, endpoint_url: str
     sets.target_labeled = SplitView(train, labeled_target) if labeled_target else None
     sets.unlabeled = SplitView(train, unlabeled_target) if unlabeled_target else None
     sets.labeled_ids = [ids[i] for i in source + labeled_target]
+    if cfg.labeled_manifest:  # the loop: labeled target frames are the ones labeled so far
+        from segrl.data.datasets import ManifestDataset
+
+        sets.target_labeled = ManifestDataset(cfg.labeled_manifest, transform=train.transform,
+                                              endpoint_url=endpoint_url or None, classes=tuple(train.classes))
     if held_out:
         evaluation = build_dataset(cfg, cfg.train_split, train=False, endpoint_url=endpoint_url)
         sets.val = SplitView(evaluation, held_out)

@@ -150,11 +150,19 @@ class ActiveLearningLoop:
         return self._dataset
 
     def _write_pool(self) -> None:
-        """The train split as the pool (the oracle answers from its labels)."""
+        """The train split as the pool (the oracle answers from its labels); with a labeled
+        source domain (``data.target_prefixes``), its target frames minus the held-out ones."""
+        from segrl.data.build import build_training_sets
         from segrl.data.pool import dataset_frames
 
         dataset = self._train_dataset()
         frames = dataset_frames(dataset)
+        if self.cfg.data.target_prefixes:
+            sets = build_training_sets(replace(self.cfg.data, labeled_manifest=""), self.cfg.train.seed,
+                                       self.cfg.store.endpoint_url)
+            held_out = set(sets.target_eval_ids or ())
+            frames = [f for f in frames if f[0].startswith(tuple(self.cfg.data.target_prefixes))
+                      and f[0] not in held_out]
         self.store.write_table(POOL_FILE, pa.table({"id": [f[0] for f in frames], "image_uri": [f[1] for f in frames]}))
         self.state.update(num_classes=len(dataset.classes), classes=list(dataset.classes), pool_images=len(frames))
         self._save_state()
@@ -309,6 +317,10 @@ class ActiveLearningLoop:
         from segrl.engine.train import train
 
         index = self._index()
+        if self.cfg.data.target_prefixes and self.cfg.data.batch_ratio[1] == 0:
+            raise ConfigError("config field 'data.batch_ratio' = "
+                              f"{list(self.cfg.data.batch_ratio)} gives the target frames the loop labels no "
+                              "share of a batch: set its second entry > 0, e.g. [1, 1, 1]")
         labeled = pa.table({"id": index.column("id"), "image_uri": index.column("image_uri"),
                             "label_uri": pa.array([self.store.uri(f"labels/{i}.png")
                                                    for i in index.column("id").to_pylist()])})
@@ -323,7 +335,7 @@ class ActiveLearningLoop:
             "method.labor_selector": self.al.acquisition in LABOR_ACQUISITIONS,
         }
         per_worker = max(1, index.num_rows // self.cfg.compute.num_workers)
-        if self.cfg.train.batch_size > per_worker:
+        if not self.cfg.data.target_prefixes and self.cfg.train.batch_size > per_worker:
             # early rounds may hold fewer labeled images than a batch: use them all each step
             changes["train.batch_size"] = per_worker
         if method.name in ("st", "st_pp"):
