@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from segrl.config import ALConfig, ConfigError, load_config
@@ -91,3 +92,18 @@ def test_report_table_and_plot():
     assert "| 0 | 4 | 400 | 4.000 | 0 | 25.00 | 0.1 | 0.2 | 30.0 | 5.0 |" in table
     assert table.splitlines()[-1].endswith("| 31.0 | - |")
     assert miou_plot_png(rows, "t")[:4] == b"\x89PNG"
+
+
+def test_with_a_labeled_source_domain_the_pool_is_the_target_minus_its_held_out_frames(tmp_path):
+    from pathlib import Path
+
+    from segrl.loop.run import ActiveLearningLoop
+
+    camvid = Path(__file__).resolve().parents[3] / "shared" / "data" / "camvid"
+    cfg = load_config(overrides=["data.dataset=camvid", f"data.root={camvid}", "data.target_prefixes=[0001TP]",
+                                 "data.target_eval_count=20", f"store.root={tmp_path}", "run=da"])
+    loop = ActiveLearningLoop(cfg)
+    loop.state = {}
+    loop._write_pool()
+    ids = pa.parquet.read_table(tmp_path / "da" / "pool.parquet").column("id").to_pylist()
+    assert len(ids) == 62 - 20 and all(i.startswith("0001TP") for i in ids)
