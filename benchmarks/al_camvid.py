@@ -7,7 +7,7 @@ from the previous round; only the acquisition differs. Labeled shares after the 
 are about 2%, 6% and 10% of the pool's pixels (LabOR PPL pays in clicks: its share is
 the clicked pixels). Full supervision (all 367 images, the same steps) is the reference.
 
-    python benchmarks/al_camvid.py                     # small: 90x120, 150 steps per round
+    python benchmarks/al_camvid.py                     # small: 90x120, 80 steps per round
     python benchmarks/al_camvid.py --setting full      # 180x240, 600 steps per round
     python benchmarks/al_camvid.py --methods random,entropy
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "small": {"size": (90, 120), "steps": 150, "region": (16, 16)},
+    "small": {"size": (90, 120), "steps": 80, "region": (16, 16)},
     "full": {"size": (180, 240), "steps": 600, "region": (32, 32)},
 }
 METHODS = {
