@@ -32,6 +32,7 @@ does): one DDP forward per step, and BatchNorm sees both domains.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -259,18 +260,26 @@ class MeanTeacherRecipe(Recipe):
         super().load_state_dict(state)
 
 
+@dataclass
+class StrongForward:
+    """One forward pass of labeled images and strong views of unlabeled ones."""
+
+    loss_x: torch.Tensor
+    logits_x: torch.Tensor
+    feats_x: torch.Tensor
+    logits_u: torch.Tensor
+    feats_u: torch.Tensor
+    cut_u: torch.Tensor  # cutout pixels of the strong views: no pseudo label there
+
+
 def _student_on_strong_view(
     recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward of labeled images and strong views of ``images_u``:
-    (labeled CE, unlabeled logits, unlabeled features, cutout mask) plus labeled outputs
-    stored on the recipe for the terms."""
+) -> StrongForward:
     strong_u, cut_u = strong_views(images_u, recipe.ignore_index)
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
     loss_x = cross_entropy(logits[:n_x], batch_x["mask"], ignore_index=recipe.ignore_index)
-    recipe._labeled = (logits[:n_x], feats[:n_x])
-    return loss_x, logits[n_x:], feats[n_x:], cut_u
+    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], cut_u)
 
 
 class PseudoLabelRecipe(Recipe):
@@ -282,14 +291,13 @@ class PseudoLabelRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         if batch_u is None:
             return self._supervised(model, batch_x)
-        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, batch_u["image"])
-        pseudo = batch_u["mask"].masked_fill(cut_u, self.ignore_index)
-        loss_u = cross_entropy(logits_u, pseudo, ignore_index=self.ignore_index)
-        logits_x, feats_x = self._labeled
-        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u, pseudo,
+        f = _student_on_strong_view(self, model, batch_x, batch_u["image"])
+        pseudo = batch_u["mask"].masked_fill(f.cut_u, self.ignore_index)
+        loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
+        outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
                               torch.ones_like(pseudo, dtype=torch.float))
-        total = loss_x + self.cfg.lambda_u * loss_u
-        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": loss_u.detach()}, outputs
+        total = f.loss_x + self.cfg.lambda_u * loss_u
+        return {"loss": total, "loss_x": f.loss_x.detach(), "loss_u": loss_u.detach()}, outputs
 
 
 class ProdaRecipe(Recipe):
@@ -322,17 +330,16 @@ class ProdaRecipe(Recipe):
             self.prototypes.update(feats_w, coarse, self.ignore_index)
         protos = self.prototypes.prototypes.to(feats_w.device)
         rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature)
-        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, images_u)
-        pseudo = hard.masked_fill(cut_u, self.ignore_index)
-        loss_u = cross_entropy(logits_u, pseudo, ignore_index=self.ignore_index)
-        loss_kl = structure_consistency_kl(feats_w, feats_u, protos, self.cfg.proda_temperature)
+        f = _student_on_strong_view(self, model, batch_x, images_u)
+        pseudo = hard.masked_fill(f.cut_u, self.ignore_index)
+        loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
+        loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature)
         # prototypes follow the rectified labels of the EMA features (ProDA eq. 6)
         self.prototypes.update(feats_w, to_feature_grid(hard, grid), self.ignore_index)
-        logits_x, feats_x = self._labeled
-        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u, pseudo,
+        outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
                               rectified.max(1).values, rectified)
-        total = loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_structure * loss_kl
-        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+        total = f.loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_structure * loss_kl
+        return {"loss": total, "loss_x": f.loss_x.detach(), "loss_u": loss_u.detach(),
                 "loss_structure": loss_kl.detach()}, outputs
 
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -371,16 +378,15 @@ class DistillRecipe(Recipe):
             return self._supervised(model, batch_x)
         images_u = batch_u["image"]
         soft = self.teacher(images_u).float().softmax(1)
-        loss_x, logits_u, feats_u, cut_u = _student_on_strong_view(self, model, batch_x, images_u)
-        keep = (~cut_u).unsqueeze(1).float()
-        log_student = logits_u.float().log_softmax(1)
+        f = _student_on_strong_view(self, model, batch_x, images_u)
+        keep = (~f.cut_u).unsqueeze(1).float()
+        log_student = f.logits_u.float().log_softmax(1)
         kl = (soft * (soft.clamp(min=1e-8).log() - log_student) * keep).sum(1).sum() / keep.sum().clamp(min=1)
         conf, pseudo = soft.max(1)
-        logits_x, feats_x = self._labeled
-        outputs = StepOutputs(logits_x, feats_x, batch_x["mask"], logits_u, feats_u,
-                              pseudo.masked_fill(cut_u, self.ignore_index), conf, soft)
-        total = loss_x + self.cfg.lambda_u * kl
-        return {"loss": total, "loss_x": loss_x.detach(), "loss_u": kl.detach()}, outputs
+        outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u,
+                              pseudo.masked_fill(f.cut_u, self.ignore_index), conf, soft)
+        total = f.loss_x + self.cfg.lambda_u * kl
+        return {"loss": total, "loss_x": f.loss_x.detach(), "loss_u": kl.detach()}, outputs
 
 
 def build_recipe(
