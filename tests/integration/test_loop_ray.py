@@ -54,6 +54,10 @@ def labeled_set(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run / "labels" / "requested").glob("*.png"))}
 
 
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -72,21 +76,23 @@ def test_killed_driver_resumes_to_the_same_labels_without_repeating_a_step(tmp_p
                                timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    victim = subprocess.Popen([*command, "run=victim"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    victim_log = (tmp_path / "victim.log").open("w")
+    victim = subprocess.Popen([*command, "run=victim"], cwd=REPO, env=env, stdout=victim_log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     state = tmp_path / "victim" / "state.json"
-    deadline = time.time() + 300
+    deadline = time.time() + 540  # generous: a loaded 2-core machine runs Ray start-up slowly
     try:
         while time.time() < deadline:  # kill while round 1 (the second round) trains
             if state.exists() and "01/label" in json.loads(state.read_text())["done"]:
                 break
-            assert victim.poll() is None, "the loop ended before it could be killed"
+            assert victim.poll() is None, "the loop ended before it could be killed: " + _tail(tmp_path / "victim.log")
             time.sleep(0.2)
         else:
-            pytest.fail("round 1 never started")
+            pytest.fail("round 1 never started: " + _tail(tmp_path / "victim.log"))
     finally:
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
+        victim_log.close()
     assert "01/train" not in json.loads(state.read_text())["done"]
 
     resumed = subprocess.run([*command, "run=victim"], cwd=REPO, env=env, capture_output=True, text=True,
