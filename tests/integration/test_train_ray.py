@@ -154,5 +154,6 @@ def test_mean_teacher_with_balanced_classmix_trains_on_two_workers(tmp_path):
     assert history[-1]["loss_x"] < history[0]["loss_x"]
     last = sorted((tmp_path / "mean_teacher" / "train").glob("ckpt_*"))[-1]
     state = torch.load(last / "checkpoint.pt", weights_only=True)
-    assert set(state["recipe"]) == {"teacher", "buffer"}
+    assert set(state["recipe"]) == {"teacher", "buffer", "terms"}
+    assert state["recipe"]["terms"] == []  # no optional term switched on
     assert state["recipe"]["teacher"]["model"].keys() == state["model"].keys()
