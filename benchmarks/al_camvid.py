@@ -4,11 +4,11 @@ CamVid train (367 frames) is the pool, val is the eval set, the oracle answers f
 train labels. Every method runs the same loop: the same initial random images (~2% of
 the pool's pixels), the same recipe, the same optimiser steps per round, warm-started
 from the previous round; only the acquisition differs. Labeled shares after the rounds
-are about 2% and 10% of the pool's pixels (small: one round of 8%) or 2%, 6% and 10%
-(full: two rounds of 4%); LabOR PPL pays in clicks: its share is the clicked pixels. Full supervision (all 367 images, the same steps) is the reference.
+are about 2%, 6% and 10% of the pool's pixels (two rounds of 4% each, in both settings);
+LabOR PPL pays in clicks: its share is the clicked pixels. Full supervision (all 367 images, the same steps) is the reference.
 
-    python benchmarks/al_camvid.py                     # small: 90x120, 80 steps, 2 rounds
-    python benchmarks/al_camvid.py --setting full      # 180x240, 600 steps, 3 rounds
+    python benchmarks/al_camvid.py                     # small: 90x120, 80 steps per round, 3 rounds
+    python benchmarks/al_camvid.py --setting full      # 180x240, 600 steps per round, 3 rounds
     python benchmarks/al_camvid.py --methods random,entropy
 
 Writes benchmarks/results/al_camvid_<setting>.{json,md,png} and prints the table.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "small": {"size": (90, 120), "steps": 80, "region": (16, 16), "rounds": 1, "budget": 0.08},
+    "small": {"size": (90, 120), "steps": 80, "region": (16, 16), "rounds": 2, "budget": 0.04},
     "full": {"size": (180, 240), "steps": 600, "region": (32, 32), "rounds": 2, "budget": 0.04},
 }
 METHODS = {
