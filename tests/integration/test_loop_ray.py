@@ -58,17 +58,10 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_killed_driver_resumes_to_the_same_labels_without_repeating_a_step(tmp_path: Path):
-    args = [*TINY, f"store.root={tmp_path}", "al.rounds=1", "al.acquisition=random"]
+def test_killed_driver_resumes_to_the_same_labels_without_repeating_a_step(tmp_path: Path, ray_cluster):
+    # the drivers join the module's cluster: a cluster start per driver would triple the test's time
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [*TINY, f"store.root={tmp_path}", "al.rounds=1", "al.acquisition=random", f"compute.ray_address={address}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(REPO / "jobs" / "stal_loop.py"), *args]

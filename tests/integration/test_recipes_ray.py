@@ -6,36 +6,15 @@ import math
 from pathlib import Path
 
 import pytest
+from _tiny import tiny_overrides
 
 from segrl.config import load_config
 from segrl.engine.selftrain import run_self_training
 from segrl.engine.train import train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
-TINY = [
-    "data.synthetic_train_images=16",
-    "data.synthetic_val_images=4",
-    "data.synthetic_size=[48,64]",
-    "data.crop_size=[48,64]",
-    "data.synthetic_unlabeled_images=16",
-    "train.batch_size=4",
-    "train.lr=0.003",
-    "train.schedule=constant",
-    "train.log_every_steps=1000",
-    "compute.num_workers=2",
-    "compute.cpus_per_worker=0.5",
-    "compute.threads_per_worker=1",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+TINY = tiny_overrides(16, 4, (48, 64), "data.synthetic_unlabeled_images=16")
 
 
 def losses(metrics: dict) -> list[float]:

@@ -30,15 +30,6 @@ tune: {{metric: val_miou, mode: max, max_concurrent_trials: 1}}
 """
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_interrupted_sweep_is_restored_without_rerunning_finished_trials(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     path = tmp_path / "sweep.yaml"

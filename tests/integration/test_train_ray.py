@@ -10,35 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
+from _tiny import tiny_overrides
 
 from segrl.config import ConfigError, load_config
 from segrl.engine.train import train
 from segrl.storage import open_store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
-TINY = [
-    "data.synthetic_train_images=32",
-    "data.synthetic_val_images=8",
-    "data.synthetic_size=[64,80]",
-    "data.crop_size=[64,80]",
-    "train.batch_size=4",
-    "train.lr=0.003",
-    "train.schedule=constant",
-    "train.log_every_steps=1000",
-    "compute.num_workers=2",
-    "compute.cpus_per_worker=0.5",
-    "compute.threads_per_worker=1",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
+TINY = tiny_overrides(32, 8, (64, 80))
 
 
 def tiny_config(root: Path, *extra: str):
