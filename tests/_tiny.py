@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 
-def tiny_overrides(train_images: int, val_images: int, size: tuple[int, int], *extra: str,
-                   workers: int = 2) -> list[str]:
-    """Overrides for a run small enough for 2 cores: synthetic data, constant lr, fractional CPUs.
+def tiny_overrides(train_images: int, val_images: int, size: tuple[int, int], *extra: str) -> list[str]:
+    """Overrides for a run small enough for 2 cores: synthetic data, constant lr, 2 DDP workers.
 
-    Workers ask for half a CPU each so Ray Data's read tasks and the driver are never starved.
+    The workers ask for half a CPU each so Ray Data's read tasks and the driver are never starved.
     """
     h, w = size
     return [
@@ -19,7 +18,7 @@ def tiny_overrides(train_images: int, val_images: int, size: tuple[int, int], *e
         "train.lr=0.003",
         "train.schedule=constant",
         "train.log_every_steps=1000",
-        f"compute.num_workers={workers}",
+        "compute.num_workers=2",
         "compute.cpus_per_worker=0.5",
         "compute.threads_per_worker=1",
         *extra,
