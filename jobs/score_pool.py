@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from segrl.config import ConfigError, ScoreConfig, load_config
+from segrl.console import add_verbose_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="scoring YAML (see configs/score_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pool=... out=...")
     parser.add_argument("--top", type=int, default=10, help="print the N most uncertain frames")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     from segrl.data.labels import DataError

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from segrl.config import ConfigError, load_config
+from segrl.console import add_verbose_flag
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stal_synthetic.yaml"
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"experiment YAML (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", metavar="RUN", help="continue this run (same as run=RUN)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. al.acquisition=region_entropy")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     from segrl.data.labels import DataError
     from segrl.loop.run import run_loop

@@ -12,12 +12,14 @@ import argparse
 import sys
 
 from segrl.config import ConfigError
+from segrl.console import add_verbose_flag
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (base config + space + tune)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     from segrl.engine.tune import run_sweep

@@ -13,12 +13,14 @@ import argparse
 import sys
 
 from segrl.config import ConfigError, load_config
+from segrl.console import add_verbose_flag
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (default: built-in synthetic config)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     from segrl.engine.selftrain import run_self_training
     from segrl.engine.train import train

@@ -479,6 +479,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return float(value)
     if hint in (int, float) and isinstance(value, bool):
         _fail(key, value, f"must be a number ({hint.__name__}), not a boolean")
+    if hint is str and isinstance(value, bool):
+        # YAML reads the words true/false of a string field (compute.use_gpu=true) as booleans
+        return "true" if value else "false"
     if not isinstance(value, hint):
         _fail(key, value, f"must be of type {hint.__name__}, got {type(value).__name__}")
     return value

@@ -31,6 +31,15 @@ from segrl.config import (
     config_from_dict,
     to_dict,
 )
+from segrl.console import (
+    hide_harmless_warnings,
+    hide_ray_info_on_console,
+    quiet_ray_data,
+    ray_init_kwargs,
+    say,
+    train_logging_config,
+    verbose,
+)
 from segrl.storage import ArtifactStore, open_store
 from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
 
@@ -41,6 +50,15 @@ TARGET_EVAL_IDS_FILE = "target_eval_ids.txt"
 SNAPSHOT_DIR = "snapshots"
 STEPS_EPOCHS = 5  # epochs of a train.steps run, when the labeled set is small
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
+# Ray Train settings for a cluster of this machine alone (set unless the user set them):
+# - the controller advances one state per health check (2 s by default), which costs a short
+#   loop round several seconds per training run;
+# - the preemption watcher (one more actor process per run) waits for cloud nodes to be
+#   drained, which a single machine never is.
+LOCAL_CLUSTER_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs")
 
 
@@ -66,7 +84,12 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # "local" starts a fresh cluster rather than joining whichever one happens to run here;
     # `ray job submit` sets RAY_ADDRESS for the driver, which then joins its cluster.
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True)
+    if address == "local":
+        for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
+            os.environ.setdefault(name, value)
+    hide_harmless_warnings()
+    ray.init(address=address, **ray_init_kwargs())
+    quiet_ray_data()
 
 
 def resolve_use_gpu(compute: ComputeConfig) -> bool:
@@ -130,7 +153,7 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
     use_gpu = resolve_use_gpu(cfg.compute)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "verbose": verbose()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.compute.num_workers,
             use_gpu=use_gpu,
@@ -143,6 +166,7 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
+            logging_config=train_logging_config(),
         ),
     )
     result = trainer.fit()
@@ -226,6 +250,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
 
     cfg = config_from_dict(loop_config["config"])
+    if not loop_config.get("verbose"):
+        hide_ray_info_on_console()
     tcfg = cfg.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -297,7 +323,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         step = start_step = state["step"]
         history = list(state["metrics"].get("history", []))
         if rank == 0:
-            print(f"[segrl] run '{cfg.run_name}': resumed from step {step}", flush=True)
+            say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
 
     def checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
         metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
@@ -336,7 +362,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 save_snapshot(snapshots, recipe.eval_model(model), step, loop_config["config"], classes,
                               recipe.snapshot_extras())
             if rank == 0 and step % tcfg.log_every_steps == 0:
-                print(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}", flush=True)
+                say(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}")
             end_of_epoch = step == (epoch + 1) * steps_per_epoch
             if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0 and not end_of_epoch:
                 checkpoint_and_report(epoch, {"loss": loss_sum / loss_count})
@@ -365,7 +391,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 summary["table"] = format_iou_table(conf, list(classes))
         history.append({k: v for k, v in summary.items() if k != "table"})
         if rank == 0:
-            print(_epoch_line(summary, epochs, step), flush=True)
+            say(_epoch_line(summary, epochs, step))
         checkpoint_and_report(epoch + 1, summary)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
+from segrl.console import say
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
 from segrl.labeling import (
     MARKER_NAME,
@@ -86,6 +87,7 @@ class ActiveLearningLoop:
         self.store = run_store(self.cfg)
         self.endpoint = self.cfg.store.endpoint_url or None
         self._dataset = None
+        self._ran_steps = 0  # steps run by this process (a resumed run skips the finished ones)
 
     # ------------------------------------------------------------------ state
 
@@ -103,11 +105,13 @@ class ActiveLearningLoop:
         if key in self.state["done"]:
             return True
         started = time.perf_counter()
-        print(f"[segrl] round {r}: {name} ...", flush=True)
+        say(f"[segrl] round {r}: {name} ...")
         result = fn(r)
         if result is None:
             return False
         seconds = time.perf_counter() - started
+        say(f"[segrl] round {r}: {name} done in {seconds:.1f} s")
+        self._ran_steps += 1
         self.state["done"].append(key)
         self.state["log"].append({"step": key, "seconds": round(seconds, 3),
                                   "finished": datetime.now(timezone.utc).isoformat(), **result})
@@ -126,6 +130,7 @@ class ActiveLearningLoop:
         if "num_classes" not in self.state:
             self._write_pool()
         for r in range(self.al.rounds + 1):
+            ran_before = self._ran_steps
             if not self._step(r, "select", self._select):
                 return self._summary("waiting_for_labels")
             if not self._step(r, "label", self._label):
@@ -134,7 +139,9 @@ class ActiveLearningLoop:
             self._report()
             if r < self.al.rounds:
                 self._step(r, "score", self._score)
-                self._report()
+                table = self._report()
+                if self._ran_steps > ran_before and table:  # the last round's table is the job's to print
+                    say(table)
         self.state["status"] = "finished"
         self._save_state()
         return self._summary("finished")
@@ -401,10 +408,11 @@ class ActiveLearningLoop:
             ids.update(selection.column("id").to_pylist())
         return len(ids)
 
-    def _report(self) -> None:
+    def _report(self) -> str | None:
+        """Write metrics.json, report.md and the plot of the rounds so far; return their table."""
         rows = self._round_rows()
         if not rows:
-            return
+            return None
         table = rounds_table(rows)
         self.store.write_json("metrics.json", {"rounds": rows, "acquisition": self.al.acquisition,
                                                "method": self.cfg.method.name})
@@ -412,6 +420,7 @@ class ActiveLearningLoop:
                                            f"{self.cfg.method.name}\n\n{table}\n")
         self.store.write_bytes("miou_vs_labeled.png",
                                miou_plot_png(rows, f"{self.cfg.run_name} ({self.al.acquisition})"))
+        return table
 
     def _summary(self, status: str, message: str = "") -> LoopSummary:
         rows = self._round_rows()

@@ -1,15 +1,77 @@
-"""Fixtures shared by the integration tests."""
+"""Fixtures shared by the integration tests.
+
+One local 2-CPU Ray cluster serves every module that asks for ``ray_cluster``: a start costs
+several seconds of both cores here. A module that needs a cluster of another shape asks for
+``two_node_cluster``, which stops the shared one first; the next module asking for
+``ray_cluster`` starts it again.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
+
 import pytest
+
+from segrl.engine.train import LOCAL_CLUSTER_ENV
+
+# segrl's settings for a local cluster (faster health checks, no preemption watcher), set
+# before any cluster of the tests starts so that all of its processes inherit them.
+for _name, _value in LOCAL_CLUSTER_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SharedRay:
+    """The session's local Ray cluster, started on first use and stopped on request."""
+
+    def get(self):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        return ray
+
+    def stop(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[SharedRay]:
+    holder = SharedRay()
+    yield holder
+    holder.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray cluster for one test module; yields the ``ray`` module."""
-    import ray
+def ray_cluster(shared_ray: SharedRay):
+    """The session's local 2-CPU Ray cluster; yields the ``ray`` module."""
+    return shared_ray.get()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+
+@pytest.fixture(scope="module")
+def two_node_cluster(shared_ray: SharedRay):
+    """Two Ray nodes of 1 CPU and 1 logical GPU each (``ray.cluster_utils.Cluster``), connected."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    shared_ray.stop()
+    # its own dashboard port: the state API it serves must not be another cluster's (the
+    # local stack of a parallel test process takes Ray's default port)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "dashboard_port": free_port()})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from _pools import write_checkpoints, write_pool
+from _procs import own_descendants
 
 from segrl.config import ScoreConfig, load_config
 from segrl.engine.score import score_pool
@@ -38,7 +39,7 @@ def config(pool_uri, checkpoints, out, *extra: str) -> ScoreConfig:
     ], cls=ScoreConfig)
 
 
-def test_corrupt_files_become_error_rows_and_everything_else_is_scored(pool, tmp_path):
+def test_corrupt_files_become_error_rows_everything_else_is_scored_and_a_rerun_skips_it(pool, tmp_path):
     manifest, bad, checkpoints = pool
     summary = score_pool(config(manifest, checkpoints, tmp_path / "out"))
     scores = pq.read_table(tmp_path / "out" / "scores.parquet").to_pandas()
@@ -80,42 +81,27 @@ def test_corrupt_files_become_error_rows_and_everything_else_is_scored(pool, tmp
     assert label.shape == (128, 160) and label.max() < 10
     assert (tmp_path / "out" / "pseudo_labels" / f"{big['id']}_conf.png").is_file()
 
-
-def test_rerun_skips_committed_shards(pool, tmp_path):
-    manifest, _, checkpoints = pool
-    cfg = config(manifest, checkpoints, tmp_path / "out", "pseudo_labels=")
-    first = score_pool(cfg)
-    assert first.shards_scored_now == 4  # 25 rows in shards of 8
+    # The same out folder again: every shard was committed, nothing is scored twice.
+    cfg = config(manifest, checkpoints, tmp_path / "out")
+    assert summary.shards_scored_now == 4  # 25 rows in shards of 8
     again = score_pool(cfg)
     assert again.shards_scored_now == 0 and again.shards_skipped == 4
     # A shard whose commit marker is missing is scored again, and only that one.
     os.remove(tmp_path / "out" / "_work" / "shards" / "000002.done")
     third = score_pool(cfg)
     assert third.shards_scored_now == 1
-    before = pq.read_table(tmp_path / "out" / "scores.parquet")
-    assert before.num_rows == 20 and len(set(before.column("id").to_pylist())) == 20
-
-
-def test_changed_settings_in_the_same_out_folder_are_refused(pool, tmp_path):
+    rescored = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert rescored.num_rows == 20 and len(set(rescored.column("id").to_pylist())) == 20
+    # Other settings in the same out folder are refused, naming the setting.
     from segrl.config import ConfigError
 
-    manifest, _, checkpoints = pool
-    score_pool(config(manifest, checkpoints, tmp_path / "out", "pseudo_labels="))
     with pytest.raises(ConfigError, match="region_size"):
-        score_pool(config(manifest, checkpoints, tmp_path / "out", "pseudo_labels=", "region_size=[8,8]"))
+        score_pool(config(manifest, checkpoints, tmp_path / "out", "region_size=[8,8]"))
 
 
 def actor_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
-            except OSError:
-                continue
-            if "MapWorker" in cmdline and "ScoreActor" in cmdline:
-                pids.append(int(entry.name))
-    return pids
+    """PIDs of this test cluster's scoring actors."""
+    return own_descendants("MapWorker", "ScoreActor")
 
 
 def test_killed_actor_is_retried_and_the_table_is_complete(tmp_path):

@@ -1,4 +1,4 @@
-"""A 2 x 2 sweep on a local Ray cluster: interrupted, restored, finished, ranked."""
+"""A 2 x 1 grid sweep over two keys on a local Ray cluster: interrupted, restored, finished, ranked."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ base:
   compute: {{num_workers: 1, cpus_per_worker: 1, threads_per_worker: 1, ray_address: "{address}"}}
 space:
   train.lr: [0.001, 0.003]
-  train.weight_decay: [0.0, 0.0001]
+  train.weight_decay: [0.0001]
 tune: {{metric: val_miou, mode: max, max_concurrent_trials: 1}}
 """
 
@@ -46,14 +46,13 @@ def test_interrupted_sweep_is_restored_without_rerunning_finished_trials(ray_clu
         time.sleep(0.2)
     driver.wait(timeout=60)
     finished = {p.parent.name: p.stat().st_mtime for p in trials.glob("*/metrics.json")}
-    assert 1 <= len(finished) < 4, f"the sweep was not interrupted mid-way ({len(finished)} done)"
+    assert len(finished) == 1, f"the sweep was not interrupted mid-way ({len(finished)} done)"
 
     result = run_sweep(load_sweep(path))
     assert result.restored
     table = result.table.to_pylist()
-    assert len(table) == 4 and {r["status"] for r in table} == {"done"}
-    assert {(r["train.lr"], r["train.weight_decay"]) for r in table} == {
-        ("0.001", "0.0"), ("0.001", "0.0001"), ("0.003", "0.0"), ("0.003", "0.0001")}
+    assert len(table) == 2 and {r["status"] for r in table} == {"done"}
+    assert {(r["train.lr"], r["train.weight_decay"]) for r in table} == {("0.001", "0.0001"), ("0.003", "0.0001")}
     scores = [r["val_miou"] for r in table]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     for name, mtime in finished.items():  # finished before the interruption: not trained again

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from _procs import own_descendants
 from _tiny import tiny_overrides
 
-from segrl.config import ConfigError, load_config
+from segrl.config import ConfigError, load_config, replace
 from segrl.engine.train import train
 from segrl.storage import open_store
 
@@ -27,28 +28,6 @@ def tiny_config(root: Path, *extra: str):
 
 def checkpoint_names(root: Path, run: str) -> list[str]:
     return sorted(p.name for p in (root / run / "train").glob("ckpt_*"))
-
-
-def test_two_workers_learn_checkpoint_and_resume(tmp_path):
-    cfg = tiny_config(tmp_path, "name=resume", "train.epochs=3")
-    first = train(cfg)
-    history = first.metrics["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[-1]["loss"] < history[0]["loss"]
-    steps_per_epoch = 32 // 2 // 4
-    assert first.metrics["step"] == 3 * steps_per_epoch
-    assert 0.0 <= first.metrics["val_miou"] <= 1.0
-    assert checkpoint_names(tmp_path, "resume")[-1] == f"ckpt_{3 * steps_per_epoch:08d}"
-    store = open_store(str(tmp_path)).child("resume")
-    assert store.read_yaml("config.yaml")["train"]["epochs"] == 3
-    assert store.read_json("metrics.json")["val_miou"] == first.metrics["val_miou"]
-
-    # Same run name, more epochs: continues from the saved step instead of starting over.
-    second = train(tiny_config(tmp_path, "name=resume", "train.epochs=5"))
-    assert second.metrics["start_step"] == 3 * steps_per_epoch
-    assert second.metrics["step"] == 5 * steps_per_epoch
-    assert [h["epoch"] for h in second.metrics["history"]] == [1, 2, 3, 4, 5]
-    assert second.metrics["history"][:3] == history
 
 
 def test_rerun_with_incompatible_config_is_refused(tmp_path):
@@ -75,21 +54,13 @@ def registered_checkpoints(root: Path, run: str) -> list[str]:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray sets their title to the actor class)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue
-        if "RayTrainWorker" in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    """PIDs of live Ray Train workers of this test's cluster (Ray sets their title to the actor class)."""
+    return own_descendants("RayTrainWorker")
 
 
-def test_killed_worker_is_replaced_and_restored_from_checkpoint(tmp_path):
+def test_two_workers_survive_a_killed_worker_then_a_rerun_resumes_to_more_epochs(tmp_path):
+    """One DDP run that loses a worker mid-run and is restored from its last checkpoint, then
+    the same run name with more epochs, which continues from the saved step."""
     cfg = tiny_config(
         tmp_path, "name=chaos", "train.epochs=4", "train.checkpoint_every_steps=2",
         "data.synthetic_size=[96,128]", "data.crop_size=[96,128]", "compute.max_failures=3",
@@ -109,12 +80,28 @@ def test_killed_worker_is_replaced_and_restored_from_checkpoint(tmp_path):
     thread.join(timeout=300)
     assert killed is not None, "no worker was seen after the first checkpoint"
     assert "summary" in outcome, "training did not finish after the worker was killed"
-    metrics = outcome["summary"].metrics
+    first = outcome["summary"]
+    metrics = first.metrics
     steps_per_epoch = 32 // 2 // 4
     assert metrics["step"] == 4 * steps_per_epoch
     # The attempt that finished began from a checkpoint, not from step 0.
     assert metrics["start_step"] > 0
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert 0.0 <= metrics["val_miou"] <= 1.0
+    assert checkpoint_names(tmp_path, "chaos")[-1] == f"ckpt_{4 * steps_per_epoch:08d}"
+    store = open_store(str(tmp_path)).child("chaos")
+    assert store.read_yaml("config.yaml")["train"]["epochs"] == 4
+    assert store.read_json("metrics.json")["val_miou"] == metrics["val_miou"]
+
+    # Same run name, more epochs: continues from the saved step instead of starting over.
+    second = train(replace(cfg, **{"train.epochs": 5}))
+    assert second.metrics["start_step"] == 4 * steps_per_epoch
+    assert second.metrics["step"] == 5 * steps_per_epoch
+    assert [h["epoch"] for h in second.metrics["history"]] == [1, 2, 3, 4, 5]
+    assert second.metrics["history"][:4] == history
+    assert store.read_yaml("config.yaml")["train"]["epochs"] == 5
 
 
 def test_mean_teacher_with_balanced_classmix_trains_on_two_workers(tmp_path):

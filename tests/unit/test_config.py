@@ -38,6 +38,14 @@ def test_yaml_and_overrides_are_applied_with_types(tmp_path):
     assert cfg.data.hflip is False
 
 
+def test_the_words_true_and_false_of_a_string_field_stay_words():
+    # `compute.use_gpu=true` as the README writes it: YAML reads it as a boolean
+    assert load_config(overrides=["compute.use_gpu=true"]).compute.use_gpu == "true"
+    assert load_config(overrides=["compute.use_gpu=false"]).compute.use_gpu == "false"
+    with pytest.raises(ConfigError, match="compute.use_gpu"):
+        load_config(overrides=["compute.use_gpu=yes please"])
+
+
 def test_int_is_accepted_for_float_field():
     assert load_config(overrides=["train.lr=1"]).train.lr == 1.0
 

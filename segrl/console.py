@@ -1,0 +1,145 @@
+"""What segrl prints, and what it keeps Ray from printing.
+
+By default a user sees segrl's own progress lines, Ray Data's progress bars, real warnings and
+errors; Ray's INFO lines (cluster start, checkpoint and report records of every epoch) and the
+warnings known to be harmless are hidden. ``SEGRL_VERBOSE=1`` (``--verbose`` on the jobs) shows
+everything Ray says, as Ray would print it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+VERBOSE_ENV = "SEGRL_VERBOSE"
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+# Warnings Ray logs on every start that tell a user of a local cluster nothing about the run.
+HARMLESS_RAY_WARNINGS = (
+    "Token authentication is enabled for this Ray cluster",  # on by default, as intended
+)
+
+
+def verbose() -> bool:
+    """True when the user asked for everything Ray prints."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def set_verbose(on: bool) -> None:
+    """Set verbosity for this process and the Ray processes it starts (they inherit the env)."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        os.environ.pop(VERBOSE_ENV, None)
+
+
+class _VerboseFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        set_verbose(True)
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on a job: everything Ray prints (the same as ``SEGRL_VERBOSE=1``)."""
+    parser.add_argument("--verbose", nargs=0, action=_VerboseFlag, default=False,
+                        help=f"show Ray's INFO lines and every warning (or set {VERBOSE_ENV}=1)")
+
+
+def say(line: str) -> None:
+    """Print one progress line once, from any process.
+
+    Inside a Ray Train worker, ``print`` is patched to log through Ray Train's logger *and*
+    tee to the wrapped stdout, so a plain print reaches the driver twice; the process's real
+    stdout is written exactly once (Ray forwards it to the driver).
+    """
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def ray_log_level() -> int:
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def ray_init_kwargs() -> dict:
+    """Keyword arguments for ``ray.init`` that keep Ray's INFO lines off the console."""
+    return {"logging_level": ray_log_level(), "log_to_driver": True}
+
+
+def train_logging_config():
+    """Ray Train's logging config: WARNING unless verbose (hides per-report INFO records)."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=logging.getLevelName(ray_log_level()))
+
+
+class _OnlyProgressInfo(logging.Filter):
+    """Ray Data's console: warnings and errors, and where stdout is no terminal (no bars), its
+    one-line total progress every few seconds; not its plans, per-operator tables or start/stop
+    records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.name.startswith(RAY_DATA_PROGRESS_LOGGER) and record.getMessage().startswith("Total Progress")
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's INFO records but its progress off the driver's console unless verbose.
+
+    Its progress bars (a terminal) or progress lines (no terminal) stay; its log files keep
+    every record.
+    """
+    import ray.data  # noqa: F401  (configures the ray.data logger on import)
+
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if is_console and not any(isinstance(f, _OnlyProgressInfo) for f in handler.filters):
+            handler.addFilter(_OnlyProgressInfo())
+
+
+class _HideRayInfo(logging.Filter):
+    """Drops INFO and lower records that Ray's own code emits; keeps everything else."""
+
+    def __init__(self, ray_dir: str) -> None:
+        super().__init__()
+        self.ray_dir = ray_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
+
+
+def hide_ray_info_on_console() -> None:
+    """In a Ray Train worker: keep Ray's INFO records off the root logger's console handlers.
+
+    Ray Train's level setting (``train_logging_config``) filters only loggers named
+    ``ray.train.*``; some of its per-report records come from a logger named after the file,
+    which reaches the root logger's console handler. Its log files keep every record.
+    """
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    for handler in logging.getLogger().handlers:
+        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if is_console and not any(isinstance(f, _HideRayInfo) for f in handler.filters):
+            handler.addFilter(_HideRayInfo(ray_dir))
+
+
+class _HideHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in HARMLESS_RAY_WARNINGS)
+
+
+def hide_harmless_warnings() -> None:
+    """Drop Ray's known-harmless warnings from the driver's console (no-op when verbose)."""
+    import ray  # noqa: F401  (sets up the ray logger's console handler on import)
+
+    if verbose():
+        return
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _HideHarmless) for f in handler.filters):
+            handler.addFilter(_HideHarmless())
