@@ -85,20 +85,24 @@ class _OnlyProgressInfo(logging.Filter):
         return record.name.startswith(RAY_DATA_PROGRESS_LOGGER) and record.getMessage().startswith("Total Progress")
 
 
-def quiet_ray_data() -> None:
-    """Keep Ray Data's INFO records but its progress off the driver's console unless verbose.
+def _filter_console(logger: logging.Logger, console_filter: logging.Filter) -> None:
+    """Add ``console_filter`` to the logger's console handlers (not its files), once."""
+    for handler in logger.handlers:
+        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if is_console and not any(type(f) is type(console_filter) for f in handler.filters):
+            handler.addFilter(console_filter)
 
-    Its progress bars (a terminal) or progress lines (no terminal) stay; its log files keep
-    every record.
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's INFO records, all but its progress, off the driver's console unless verbose.
+
+    Its progress bars (a terminal) or total-progress lines (no terminal) stay; its log files
+    keep every record.
     """
     import ray.data  # noqa: F401  (configures the ray.data logger on import)
 
-    if verbose():
-        return
-    for handler in logging.getLogger("ray.data").handlers:
-        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if is_console and not any(isinstance(f, _OnlyProgressInfo) for f in handler.filters):
-            handler.addFilter(_OnlyProgressInfo())
+    if not verbose():
+        _filter_console(logging.getLogger("ray.data"), _OnlyProgressInfo())
 
 
 class _HideRayInfo(logging.Filter):
@@ -121,11 +125,7 @@ def hide_ray_info_on_console() -> None:
     """
     import ray
 
-    ray_dir = os.path.dirname(ray.__file__) + os.sep
-    for handler in logging.getLogger().handlers:
-        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if is_console and not any(isinstance(f, _HideRayInfo) for f in handler.filters):
-            handler.addFilter(_HideRayInfo(ray_dir))
+    _filter_console(logging.getLogger(), _HideRayInfo(os.path.dirname(ray.__file__) + os.sep))
 
 
 class _HideHarmless(logging.Filter):
@@ -138,8 +138,5 @@ def hide_harmless_warnings() -> None:
     """Drop Ray's known-harmless warnings from the driver's console (no-op when verbose)."""
     import ray  # noqa: F401  (sets up the ray logger's console handler on import)
 
-    if verbose():
-        return
-    for handler in logging.getLogger("ray").handlers:
-        if not any(isinstance(f, _HideHarmless) for f in handler.filters):
-            handler.addFilter(_HideHarmless())
+    if not verbose():
+        _filter_console(logging.getLogger("ray"), _HideHarmless())

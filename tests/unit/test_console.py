@@ -11,6 +11,7 @@ import ray
 
 from segrl.console import (
     VERBOSE_ENV,
+    _filter_console,
     _HideHarmless,
     _HideRayInfo,
     _OnlyProgressInfo,
@@ -72,3 +73,16 @@ def test_say_writes_one_line_once(capfd):
     say("[segrl] epoch 1/2")
     out, _ = capfd.readouterr()
     assert out == "[segrl] epoch 1/2\n"
+
+
+def test_a_console_filter_goes_on_console_handlers_once_and_never_on_files(tmp_path):
+    logger = logging.getLogger("segrl.test_console")
+    console, file = logging.StreamHandler(), logging.FileHandler(tmp_path / "log.txt")
+    logger.handlers = [console, file]
+    try:
+        _filter_console(logger, _HideHarmless())
+        _filter_console(logger, _HideHarmless())
+        assert [type(f) for f in console.filters] == [_HideHarmless] and file.filters == []
+    finally:
+        logger.handlers = []
+        file.close()
