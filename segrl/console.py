@@ -26,17 +26,10 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def set_verbose(on: bool) -> None:
-    """Set verbosity for this process and the Ray processes it starts (they inherit the env)."""
-    if on:
-        os.environ[VERBOSE_ENV] = "1"
-    else:
-        os.environ.pop(VERBOSE_ENV, None)
-
-
 class _VerboseFlag(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        set_verbose(True)
+        # through the environment: the Ray processes this job starts inherit it
+        os.environ[VERBOSE_ENV] = "1"
         setattr(namespace, self.dest, True)
 
 
@@ -65,6 +58,15 @@ def ray_log_level() -> int:
 def ray_init_kwargs() -> dict:
     """Keyword arguments for ``ray.init`` that keep Ray's INFO lines off the console."""
     return {"logging_level": ray_log_level(), "log_to_driver": True}
+
+
+def init_ray_quietly(address: str) -> None:
+    """``ray.init(address)`` with the driver's console set up as this module describes."""
+    import ray
+
+    hide_harmless_warnings()
+    ray.init(address=address, **ray_init_kwargs())
+    quiet_ray_data()
 
 
 def train_logging_config():

@@ -190,7 +190,7 @@ def build_training_sets(cfg: DataConfig, seed: int, endpoint_url: str = "") -> T
     if sets.val is None:
         sets.val = build_dataset(val_cfg, cfg.val_split, train=False, endpoint_url=endpoint_url)
     if cfg.unlabeled_pool:
-        from segrl.data.pool import PoolDataset
+        from segrl.data.pool_dataset import PoolDataset  # it imports this module
 
         sets.unlabeled = PoolDataset(cfg.unlabeled_pool, tuple(train.classes), train.transform, endpoint_url or None)
     if cfg.pseudo_manifest:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -26,9 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-from segrl.data.labels import IGNORE_INDEX, DataError
+from segrl.data.labels import DataError
 from segrl.data.manifest import (
     ID_COLUMN,
     IMAGE_COLUMN,
@@ -226,73 +225,3 @@ def load_pool_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
     if uri.startswith(SYNTHETIC_SCHEME):
         return _render_synthetic(uri)[0]
     return decode_pool_image(read_bytes(uri, endpoint_url), uri)
-
-
-# --------------------------------------------------------------------------- as a dataset
-
-
-class PoolDataset(Dataset):
-    """The frames of a pool as an unlabeled training set (masks all ``ignore_index``).
-
-    Ids and URIs are held as Arrow string arrays, so a pool of millions of frames costs
-    tens of MB per worker; images are decoded on access.
-    """
-
-    ignore_index: int = IGNORE_INDEX
-
-    def __init__(
-        self,
-        uri: str,
-        classes: tuple[str, ...],
-        transform: Callable[[dict], dict] | None = None,
-        endpoint_url: str | None = None,
-    ) -> None:
-        from segrl.data.transforms import eval_transform
-
-        batches = list(iter_pool_batches(uri, 65536, endpoint_url))
-        if not batches:
-            raise DataError(f"pool {uri} holds no images")
-        self._ids = pa.concat_arrays([b.column(0) for b in batches])
-        self._uris = pa.concat_arrays([b.column(1) for b in batches])
-        self.uri, self.classes, self.endpoint_url = uri, tuple(classes), endpoint_url
-        self.transform = transform if transform is not None else eval_transform()
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def sample_id(self, i: int) -> str:
-        return self._ids[i].as_py()
-
-    def image_uri(self, i: int) -> str:
-        return self._uris[i].as_py()
-
-    def __getitem__(self, i: int) -> dict:
-        from segrl.data.transforms import to_raw_sample
-
-        image = load_pool_image(self.image_uri(i), self.endpoint_url)
-        mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        return self.transform(to_raw_sample(image, mask, self.sample_id(i)))
-
-
-def dataset_frames(dataset: Dataset) -> list[tuple[str, str]]:
-    """(id, image URI) of every frame of a segrl dataset, without decoding any image.
-
-    This is how a training split becomes a pool (ST++ scores its unlabeled images).
-    """
-    from segrl.data.build import SplitView
-    from segrl.data.datasets import FilePairDataset, ManifestDataset
-    from segrl.data.synthetic import SyntheticScenes
-
-    if isinstance(dataset, SplitView):
-        frames = dataset_frames(dataset.base)
-        return [frames[i] for i in dataset.indices]
-    if isinstance(dataset, FilePairDataset):
-        return [(item[0], item[1]) for item in dataset.items]
-    if isinstance(dataset, (ManifestDataset, PoolDataset)):
-        return [(dataset.sample_id(i), dataset.image_uri(i)) for i in range(len(dataset))]
-    if isinstance(dataset, SyntheticScenes):
-        return [
-            (dataset.sample_id(i), synthetic_frame_uri(dataset.domain, dataset.seed, i, dataset.size, dataset.split))
-            for i in range(len(dataset))
-        ]
-    raise TypeError(f"cannot list the frames of a {type(dataset).__name__}")

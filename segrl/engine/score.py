@@ -63,9 +63,6 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
     Returns numpy columns: image N x H x W x 3 uint8 (zeros for errors), original size
     N x 2, error (empty string when fine), plus the id/uri/shard/row columns.
     """
-    import torch
-    import torch.nn.functional as F
-
     from segrl.data.pool import load_pool_image
 
     h, w = size
@@ -80,11 +77,7 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
             errors[i] = str(exc)
             continue
         original[i] = frame.shape[:2]
-        if frame.shape[:2] != (h, w):
-            tensor = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
-            tensor = F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            frame = tensor[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-        images[i] = frame
+        images[i] = frame if frame.shape[:2] == (h, w) else _resize_frame(frame, (h, w))
     return {
         "id": np.array(batch.column("id").to_pylist(), dtype=object),
         "image_uri": np.array(batch.column("image_uri").to_pylist(), dtype=object),
@@ -95,6 +88,18 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
         "error": errors,
     }
 
+
+
+def _resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear, antialiased resize of an H x W x 3 uint8 frame to ``size``."""
+    # torch only here: a decode task of a pool already at the model's size never imports it,
+    # which saves each task process seconds of CPU
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return tensor[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 # --------------------------------------------------------------------------- model stage
 

@@ -137,7 +137,7 @@ def _stage_metrics(store: ArtifactStore, stage: str) -> dict[str, Any]:
 def _write_unlabeled_pool(cfg: ExperimentConfig, store: ArtifactStore) -> str:
     """The run's unlabeled images as a pool manifest (id, image_uri) for the scoring job."""
     from segrl.data.build import build_training_sets
-    from segrl.data.pool import dataset_frames
+    from segrl.data.pool_dataset import dataset_frames
 
     if not store.exists(POOL_FILE):
         sets = build_training_sets(cfg.data, cfg.train.seed, cfg.store.endpoint_url)

@@ -32,10 +32,8 @@ from segrl.config import (
     to_dict,
 )
 from segrl.console import (
-    hide_harmless_warnings,
     hide_ray_info_on_console,
-    quiet_ray_data,
-    ray_init_kwargs,
+    init_ray_quietly,
     say,
     train_logging_config,
     verbose,
@@ -87,9 +85,7 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if address == "local":
         for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
             os.environ.setdefault(name, value)
-    hide_harmless_warnings()
-    ray.init(address=address, **ray_init_kwargs())
-    quiet_ray_data()
+    init_ray_quietly(address)
 
 
 def resolve_use_gpu(compute: ComputeConfig) -> bool:

@@ -160,7 +160,7 @@ class ActiveLearningLoop:
         """The train split as the pool (the oracle answers from its labels); with a labeled
         source domain (``data.target_prefixes``), its target frames minus the held-out ones."""
         from segrl.data.build import build_training_sets
-        from segrl.data.pool import dataset_frames
+        from segrl.data.pool_dataset import dataset_frames
 
         dataset = self._train_dataset()
         frames = dataset_frames(dataset)

@@ -14,19 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from segrl.data import (
+from segrl.data.datasets import CamVid, Cityscapes, ManifestDataset
+from segrl.data.labels import (
     CAMVID_CLASSES,
     CITYSCAPES_CLASSES,
     CITYSCAPES_LABEL_TO_TRAIN,
-    CamVid,
-    Cityscapes,
     DataError,
-    ManifestDataset,
-    denormalize,
-    iter_manifest_batches,
-    resolve_uri,
-    write_manifest,
 )
+from segrl.data.manifest import iter_manifest_batches, resolve_uri, write_manifest
+from segrl.data.transforms import denormalize
 
 # ../shared/data/camvid beside the checkout, as in CI; SEGRL_CAMVID points elsewhere.
 CAMVID_ROOT = Path(

@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segrl.data import (
+from segrl.data.datasets import ManifestDataset
+from segrl.data.synthetic import (
     SYNTHETIC_CLASSES,
-    ManifestDataset,
     SyntheticScenes,
     render_scene,
-    train_transform,
+    split_offset,
     write_synthetic_dataset,
 )
-from segrl.data.synthetic import split_offset
+from segrl.data.transforms import train_transform
 
 SIZE = (96, 128)
 NUM_CLASSES = len(SYNTHETIC_CLASSES)

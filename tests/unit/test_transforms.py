@@ -8,9 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segrl.data import (
+from segrl.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RandomScale,
     denormalize,
     eval_transform,
     normalize,
@@ -18,7 +19,6 @@ from segrl.data import (
     to_raw_sample,
     train_transform,
 )
-from segrl.data.transforms import RandomScale
 
 H, W = 48, 64
 BLOCK_X, BLOCK_Y = 8, 12
