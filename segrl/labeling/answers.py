@@ -23,6 +23,7 @@ from segrl.labeling.oracle import (
     label_key,
     labeled_pixel_count,
     requested_mask,
+    rows_by_image,
     sparse_label,
     store_mask_reader,
 )
@@ -181,6 +182,16 @@ def problem_report(source: str, problems: list[str]) -> str:
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
     return "\n".join(lines)
+
+
+def begin_tool_import(
+    selection: Any, store: Any, labels_prefix: str, class_names: list[str], ignore_index: int
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """(rows by image id, class name -> id) for an annotation tool's import, after the checks
+    every import starts with: a usable class list, and no earlier import of this round."""
+    check_class_range(len(class_names), ignore_index)
+    refuse_reimport(store, labels_prefix)
+    return rows_by_image(selection), class_index(class_names)
 
 
 def class_index(class_names: list[str]) -> dict[str, int]:

@@ -32,10 +32,9 @@ import pyarrow as pa
 from segrl.data.labels import IGNORE_INDEX, DataError
 from segrl.labeling.answers import (
     LabelImportError,
-    check_class_range,
+    begin_tool_import,
     class_index,
     missing_answers,
-    refuse_reimport,
     store_answers,
 )
 from segrl.labeling.oracle import join_key, requested_mask, rows_by_image, store_mask_reader
@@ -257,11 +256,8 @@ def import_label_studio(
     annotation, a result has the wrong size or an unknown class; then as in
     :func:`~segrl.labeling.answers.store_answers`. Returns the import summary.
     """
-    check_class_range(len(class_names), ignore_index)
-    refuse_reimport(store, labels_prefix)
-    classes = class_index(class_names)
+    groups, classes = begin_tool_import(selection, store, labels_prefix, class_names, ignore_index)
     tasks = _read_tasks(export_uri, endpoint_url)
-    groups = rows_by_image(selection)
     brush = _brush()
     labels: dict[str, np.ndarray] = {}
     seen: set[str] = set()
