@@ -3,7 +3,10 @@
 A round's selection (:data:`SELECTION_SCHEMA`) becomes sparse label maps under
 ``rounds/<NN>/labels/<id>.png``: uint8 HxW, class ids where a pixel was asked for,
 the ignore index (255) elsewhere. :func:`oracle_label` answers from ground truth;
-:func:`export_manifest` / :func:`import_labels` go through people.
+:func:`export_manifest` / :func:`import_labels` go through people (PNG answers), and
+``segrl.labeling.label_studio`` / ``segrl.labeling.cvat`` through their tools
+(``segrl.labeling.tools`` picks by config and by file); ``segrl.labeling.answers`` holds
+the checks every import shares.
 """
 
 from segrl.labeling.answers import MARKER_NAME, LabelImportError, dropped_pixels, store_answers

@@ -8,6 +8,7 @@ SegmentationObject/, ImageSets/Segmentation/default.txt).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import xml.etree.ElementTree as ET
 import zipfile
@@ -18,10 +19,13 @@ import pytest
 from _rejects import assert_rejected_whole
 from PIL import Image
 
+from segrl.config import AnnotationConfig
 from segrl.labeling import encode_label_png, selection_table
 from segrl.labeling.cvat import export_cvat, import_cvat, mask_rle_decode, mask_rle_encode
+from segrl.labeling.tools import detect_format, export_tools
 from segrl.storage import ArtifactStore
 
+REPO = Path(__file__).resolve().parents[2]
 H, W = 4, 6
 IGNORE = 255
 CLASSES = ["x", "y", "z"]
@@ -192,3 +196,39 @@ def test_bad_cvat_export_is_rejected_whole(store, selection, tmp_path, case, wor
         source = tmp_path / "annotations.xml"
         source.write_text(xml)
     assert_rejected_whole(store, lambda: import_cvat(selection, str(source), store, "labels", CLASSES), words)
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("import_labels_job", REPO / "jobs" / "import_labels.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_import_job_takes_a_cvat_export_by_its_name_and_reports_drops(tmp_path, capsys):
+    run = ArtifactStore(str(tmp_path / "run"))
+    run.write_json("state.json", {"num_classes": 3, "classes": CLASSES})
+    run.write_table("rounds/02/selection.parquet", selection_table([row("a", "region", box=(1, 1, 3, 3))]))
+    export = tmp_path / "annotations.xml"
+    export.write_text(CVAT_XML.replace(CVAT_XML[CVAT_XML.index('  <image id="1"'):CVAT_XML.index("</annotations>")], ""))
+    assert load_job().main(["--run", run.root, "--round", "2", "--labels", str(export)]) == 0
+    out = capsys.readouterr().out
+    assert "imported 1 label map(s): 4 of 4 requested pixels labeled" in out
+    assert f"dropped (labeled outside the request, not taken): a {H * W - 4} px" in out
+    assert run.read_json("rounds/02/labels/_IMPORTED.json")["format"] == "CVAT for images 1.1"
+
+
+def test_export_tools_writes_each_configured_tool(store, selection):
+    written = export_tools(selection, store, "rounds/03/labeling", CLASSES,
+                           AnnotationConfig(tools=("cvat", "label_studio"), image_urls="prefix",
+                                            url_root="/data", url_prefix="https://img.lab"))
+    assert sorted(written) == ["cvat", "label_studio"]
+    tasks = store.read_json("rounds/03/labeling/label_studio/tasks.json")
+    assert tasks[0]["data"]["image"] == "https://img.lab/frames/a.jpg"
+    assert store.exists("rounds/03/labeling/cvat/annotations.xml")
+    assert [detect_format(s) for s in ("x/project.json", "t.zip", "a.xml", str(tmp_folder(store)))] == [
+        "label_studio", "cvat", "cvat", "png"]
+
+
+def tmp_folder(store: ArtifactStore) -> Path:
+    return Path(store.fs_path("rounds/03/labeling/cvat"))
