@@ -264,7 +264,11 @@ def _cvat_images(
     out: dict[str, tuple[np.ndarray, list[str]]] = {}
     for image in root.iter("image"):
         name = _stem(image.get("name", ""))
-        height, width = int(image.get("height", 0)), int(image.get("width", 0))
+        try:
+            height, width = int(image.get("height", "")), int(image.get("width", ""))
+        except ValueError:
+            raise LabelImportError(f"annotations.xml: <image name={image.get('name')!r}> lacks an "
+                                   "integer width and height") from None
         label = np.full((height, width), ignore_index, np.uint8)
         problems: list[str] = []
         rows = groups.get(names.get(name), [])
@@ -294,8 +298,11 @@ def _segmentation_masks(
     for member, data in files.items():
         if not (member.startswith("SegmentationClass/") and member.endswith(".png")):
             continue
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except OSError as exc:
+            raise LabelImportError(f"{member} is not a readable PNG: {exc}") from exc
         label = np.full(rgb.shape[:2], ignore_index, np.uint8)
         problems = []
         packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]

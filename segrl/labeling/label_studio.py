@@ -184,15 +184,26 @@ def answer_label(
             problems.append(f"result {result.get('id')!r} has label(s) {names}: need one of "
                             f"{sorted(classes, key=classes.get)}")
             continue
-        class_id = classes[names[0]]
-        if result["from_name"] == POINT:
-            label[snap_point(keypoint_pixel(value, height, width), requested_points)] = class_id
-        elif value.get("format") == "rle" and value.get("rle"):
-            alpha = np.asarray(brush.decode_rle(value["rle"])).reshape(height, width, 4)[:, :, 3]
-            label[alpha > 0] = class_id
-        else:
-            problems.append(f"result {result.get('id')!r}: brush is not in RLE format")
+        try:
+            _paint(label, result["from_name"], value, classes[names[0]], requested_points, brush)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a hand-edited or cut export
+            problems.append(f"result {result.get('id')!r} cannot be read: {exc!r}")
     return label, problems
+
+
+def _paint(label: np.ndarray, control: str, value: dict[str, Any], class_id: int,
+           requested_points: list[tuple[int, int]], brush: Any) -> None:
+    """Write one brush or keypoint result's class into HxW ``label`` (in place)."""
+    height, width = label.shape
+    if control == POINT:
+        label[snap_point(keypoint_pixel(value, height, width), requested_points)] = class_id
+        return
+    if value.get("format") != "rle" or not value.get("rle"):
+        raise ValueError("the brush is not in RLE format")
+    decoded = np.asarray(brush.decode_rle(value["rle"]))
+    if decoded.size != height * width * 4:
+        raise ValueError(f"its RLE holds {decoded.size} values, not {height}x{width}x4")
+    label[decoded.reshape(height, width, 4)[:, :, 3] > 0] = class_id
 
 
 def latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
@@ -264,7 +275,8 @@ def import_label_studio(
     problems: list[str] = []
     for position, task in enumerate(tasks):
         where = f"task {task.get('id', position)!r}"
-        image_id = (task.get("data") or {}).get("segrl_id")
+        data = task.get("data")
+        image_id = data.get("segrl_id") if isinstance(data, dict) else None
         if image_id not in groups:
             problems.append(f"{where}: segrl_id {image_id!r} was not selected this round")
             continue

@@ -106,6 +106,16 @@ def test_answer_label_names_unknown_classes_and_wrong_sizes():
     assert "7x4 (WxH), expected 6x4 (WxH)" in problems[1]
 
 
+def test_answer_label_reports_a_cut_brush_instead_of_failing():
+    cut = brush_result(np.ones((H, W), bool), "x")
+    cut["value"]["rle"] = cut["value"]["rle"][:3]
+    other_size = brush_result(np.ones((H, W + 2), bool), "x")  # an RLE of another image, size lied
+    other_size.update(original_width=W)
+    _, problems = answer_label([cut, other_size], H, W, {"x": 0}, [], brush)
+    assert len(problems) == 2 and all("cannot be read" in p for p in problems)
+    assert "not 4x6x4" in problems[1]
+
+
 def test_latest_annotation_takes_the_last_submitted_one():
     task = {"annotations": [{"id": 3, "result": "old"}, {"id": 9, "was_cancelled": True},
                             {"id": 5, "result": "new"}]}
