@@ -8,6 +8,7 @@ after the module: only its own process group.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,7 +28,8 @@ from segrl.labeling.urls import image_url_maker
 from segrl.storage import ArtifactStore
 
 pytestmark = pytest.mark.integration
-CAMVID = Path("/work/shared/data/camvid")
+# ../shared/data/camvid beside the checkout, as in CI; SEGRL_CAMVID points elsewhere.
+CAMVID = Path(os.environ.get("SEGRL_CAMVID", Path(__file__).resolve().parents[3] / "shared/data/camvid"))
 CLASSES = list(CAMVID_CLASSES)
 IGNORE = 255
 H, W = 360, 480
