@@ -16,6 +16,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 import boto3
+from botocore.config import Config as BotoConfig
 
 from segrl.data.labels import DataError
 from segrl.storage import _resolve_endpoint, _resolve_region
@@ -71,9 +72,11 @@ def image_url_maker(
     if mode == "prefix":
         return lambda uri: prefixed_url(uri, url_root, url_prefix)
     if mode == "presign":
-        # credentials from the standard AWS chain, as for the store
+        # credentials from the standard AWS chain, as for the store; SigV4, which every
+        # AWS region accepts (boto3 may otherwise sign the old way, with an absolute expiry)
         client = boto3.client(
-            "s3", endpoint_url=_resolve_endpoint(endpoint_url), region_name=_resolve_region(None)
+            "s3", endpoint_url=_resolve_endpoint(endpoint_url), region_name=_resolve_region(None),
+            config=BotoConfig(signature_version="s3v4"),
         )
         return lambda uri: presigned_url(uri, presign_seconds, client)
     raise DataError(f"image URL mode {mode!r} is not one of {list(IMAGE_URL_MODES)}")

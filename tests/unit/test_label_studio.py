@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from segrl.labeling.label_studio import (
     latest_annotation,
     snap_point,
 )
-from segrl.labeling.urls import local_files_url, prefixed_url, presigned_url
+from segrl.labeling.urls import image_url_maker, local_files_url, prefixed_url, presigned_url
 from segrl.storage import ArtifactStore
 
 H, W = 4, 6
@@ -131,13 +132,19 @@ def test_image_urls_local_prefix_and_presigned():
     with pytest.raises(DataError, match="does not start with"):
         prefixed_url("/other/1.png", "s3://b/pool", "https://img.lab")
 
-    class Client:
-        def generate_presigned_url(self, op, Params, ExpiresIn):
-            return f"{op}:{Params['Bucket']}/{Params['Key']}?{ExpiresIn}"
-
-    assert presigned_url("s3://bkt/k/1.png", 60, Client()) == "get_object:bkt/k/1.png?60"
     with pytest.raises(DataError, match="cannot presign"):
-        presigned_url("/local/1.png", 60, Client())
+        presigned_url("/local/1.png", 60, object())
+
+
+def test_presigned_url_fetches_the_object_from_a_real_s3_server(s3_server):
+    """The URL Label Studio would load: a GET without credentials returns the image's bytes."""
+    store = ArtifactStore(s3_server.root("presign-test"), endpoint_url=s3_server.endpoint_url)
+    store.write_bytes("frames/a.png", b"\x89PNG fake image")
+    url = image_url_maker("presign", presign_seconds=120, endpoint_url=s3_server.endpoint_url)(
+        store.uri("frames/a.png"))
+    assert "X-Amz-Expires=120" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"\x89PNG fake image"
 
 
 # --------------------------------------------------------------------------- export and import
