@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+from xml.sax.saxutils import escape
 
 import numpy as np
 import pyarrow as pa
@@ -96,7 +97,7 @@ def labeling_config(class_names: list[str]) -> str:
 
 
 def _xml_attr(text: str) -> str:
-    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+    return escape(text, {'"': "&quot;"})
 
 
 def keypoint_value(y: int, x: int, height: int, width: int) -> dict[str, float]:
