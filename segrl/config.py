@@ -285,6 +285,37 @@ class ALConfig:
 
 
 @dataclass(frozen=True)
+class AnnotationConfig:
+    """What ``al.labeling=external`` writes for annotation tools each round, and image URLs.
+
+    The manifest and PNG masks are always written; ``tools`` adds import files for Label
+    Studio (tasks.json + config.xml; needs ``pip install 'segrl[label-studio]'``) and
+    CVAT (annotations.xml + images.txt) under ``rounds/<NN>/labeling/<tool>/``.
+    """
+
+    tools: tuple[str, ...] = ()  # label_studio | cvat
+    image_urls: str = "local"  # Label Studio image URLs: local | prefix | presign (s3:// images)
+    url_root: str = ""  # local: Label Studio's LOCAL_FILES_DOCUMENT_ROOT; prefix: the part of each
+    #                     image URI that url_prefix replaces
+    url_prefix: str = ""  # prefix: e.g. https://images.example.org/pool
+    presign_seconds: int = 7 * 24 * 3600  # presign: how long a URL stays valid
+
+    def validate(self) -> None:
+        for i, tool in enumerate(self.tools):
+            _one_of(f"annotation.tools[{i}]", tool, ANNOTATION_TOOLS)
+        _one_of("annotation.image_urls", self.image_urls, ("local", "prefix", "presign"))
+        if "label_studio" in self.tools and self.image_urls == "local" and not self.url_root:
+            _fail("annotation.url_root", self.url_root, "must be Label Studio's local files document "
+                  "root (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) for annotation.image_urls=local")
+        if self.image_urls == "prefix" and not self.url_prefix:
+            _fail("annotation.url_prefix", self.url_prefix, "must be set for annotation.image_urls=prefix")
+        _at_least("annotation.presign_seconds", self.presign_seconds, 1)
+
+
+ANNOTATION_TOOLS = ("label_studio", "cvat")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where runs are written: a local folder or s3://bucket/prefix on any S3 endpoint.
 
@@ -334,6 +365,7 @@ class ExperimentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     al: ALConfig = field(default_factory=ALConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
 
     @property
     def run_name(self) -> str:
@@ -345,7 +377,9 @@ class ExperimentConfig:
                 _fail(key, value, "may hold only letters, digits, '-', '_' and '.'")
         if not self.name:
             _fail("name", self.name, "must not be empty")
-        for section in (self.data, self.model, self.train, self.method, self.store, self.compute, self.al):
+        sections = (self.data, self.model, self.train, self.method, self.store, self.compute, self.al,
+                    self.annotation)
+        for section in sections:
             section.validate()
 
 

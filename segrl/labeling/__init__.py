@@ -3,15 +3,14 @@
 A round's selection (:data:`SELECTION_SCHEMA`) becomes sparse label maps under
 ``rounds/<NN>/labels/<id>.png``: uint8 HxW, class ids where a pixel was asked for,
 the ignore index (255) elsewhere. :func:`oracle_label` answers from ground truth;
-:func:`export_manifest` / :func:`import_labels` go through people.
+:func:`export_manifest` / :func:`import_labels` go through people (PNG answers), and
+``segrl.labeling.label_studio`` / ``segrl.labeling.cvat`` through their tools
+(``segrl.labeling.tools`` picks by config and by file); ``segrl.labeling.answers`` holds
+the checks every import shares.
 """
 
-from segrl.labeling.external import (
-    MARKER_NAME,
-    LabelImportError,
-    export_manifest,
-    import_labels,
-)
+from segrl.labeling.answers import MARKER_NAME, LabelImportError, dropped_pixels, store_answers
+from segrl.labeling.external import export_manifest, import_labels
 from segrl.labeling.oracle import (
     SELECTION_COLUMNS,
     SELECTION_SCHEMA,
@@ -35,6 +34,7 @@ __all__ = [
     "SELECTION_SCHEMA",
     "UNITS",
     "LabelImportError",
+    "dropped_pixels",
     "encode_label_png",
     "export_manifest",
     "import_labels",
@@ -46,6 +46,7 @@ __all__ = [
     "rows_by_image",
     "selection_table",
     "sparse_label",
+    "store_answers",
     "store_mask_reader",
     "validate_selection",
 ]

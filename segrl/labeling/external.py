@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -29,19 +28,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from segrl.data.labels import IGNORE_INDEX, DataError, decode_label
+from segrl.labeling.answers import (
+    LabelImportError,
+    check_class_range,
+    missing_answers,
+    refuse_reimport,
+    store_answers,
+)
 from segrl.labeling.oracle import (
     encode_label_png,
     join_key,
-    label_key,
-    labeled_pixel_count,
     requested_mask,
     rows_by_image,
-    sparse_label,
     store_mask_reader,
 )
 from segrl.storage import StoreError, filesystem_for, read_uri_bytes
 
-MARKER_NAME = "_IMPORTED.json"
 MASK_LABEL = 255  # value in an exported request mask meaning "label this pixel"
 CSV_COLUMNS = (
     "id",
@@ -55,12 +57,6 @@ CSV_COLUMNS = (
     "requested_pixels",
     "answer_file",
 )
-_MAX_LISTED_PROBLEMS = 50  # enough to fix a batch; more would bury the first ones
-
-
-class LabelImportError(DataError):
-    """Imported labels were rejected; the message lists every problem found. Nothing was written."""
-
 
 # --------------------------------------------------------------------------- export
 
@@ -205,71 +201,28 @@ def import_labels(
     labeled overall. Any failure raises :class:`LabelImportError` listing every
     problem, and nothing is written. Otherwise each image's sparse label (uint8 HxW,
     requested pixels only) is written to ``<labels_prefix>/<id>.png``, then the marker
-    ``<labels_prefix>/_IMPORTED.json`` last; a marker already there refuses the import.
+    ``<labels_prefix>/_IMPORTED.json`` last; a marker already there refuses the import
+    (:func:`~segrl.labeling.answers.store_answers`).
 
     Returns the marker's content: counts, source, time, unlabeled and skipped files.
     """
-    _check_class_range(num_classes, ignore_index)
-    marker = join_key(labels_prefix, MARKER_NAME)
-    if store.exists(marker):
-        raise LabelImportError(
-            f"labels for this round were already imported (marker {store.uri(marker)}); "
-            "delete the labels folder to import again"
-        )
+    check_class_range(num_classes, ignore_index)
+    refuse_reimport(store, labels_prefix)
     groups = rows_by_image(selection)
     answers, skipped = _list_answer_files(source_dir_or_uri, endpoint_url)
-    problems = _unexpected_files(answers, groups) + _missing_ids(answers, groups)
-    read_mask = store_mask_reader(store)
-    pngs: dict[str, bytes] = {}
-    per_image: dict[str, int] = {}
-    requested_total = 0
-    for image_id, rows in groups.items():
+    problems = _unexpected_files(answers, groups) + missing_answers(answers, groups, "{id}.png")
+    labels: dict[str, np.ndarray] = {}
+    for image_id in groups:
         if image_id not in answers:
             continue
-        label, problem = _read_answer(
-            answers[image_id], rows[0], num_classes, ignore_index, endpoint_url
-        )
-        if problem:
-            problems.append(problem)
-            continue
-        requested = requested_mask(rows, read_mask)
-        sparse = sparse_label(label, requested, ignore_index)
-        pngs[label_key(labels_prefix, image_id)] = encode_label_png(sparse)
-        per_image[image_id] = labeled_pixel_count(sparse, ignore_index)
-        requested_total += int(requested.sum())
-    if problems:
-        raise LabelImportError(_problem_report(source_dir_or_uri, problems))
-    labeled_total = sum(per_image.values())
-    if labeled_total == 0:
-        raise LabelImportError(
-            f"cannot import labels from {source_dir_or_uri}: all {requested_total} requested "
-            f"pixels are unlabeled ({ignore_index}); nothing was written"
-        )
-    summary = {
-        "images": len(pngs),
-        "labeled_pixels": labeled_total,
-        "requested_pixels": requested_total,
-        "unlabeled_images": sorted(i for i, n in per_image.items() if n == 0),
-        "skipped_files": skipped,
-        "source": source_dir_or_uri,
-        "labels": store.uri(labels_prefix),
-        "num_classes": num_classes,
-        "ignore_index": ignore_index,
-        "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    for key, png in pngs.items():
-        store.write_bytes(key, png)
-    store.write_json(marker, summary)  # last: its presence means the whole import landed
-    return summary
-
-
-def _check_class_range(num_classes: int, ignore_index: int) -> None:
-    if not 0 <= ignore_index <= 255:
-        raise DataError(f"ignore_index {ignore_index} does not fit a uint8 label map")
-    if num_classes < 1 or ignore_index < num_classes:  # the ignore value must not be a class id
-        raise DataError(
-            f"num_classes {num_classes} must be >= 1 and leave the ignore index {ignore_index} free"
-        )
+        try:
+            labels[image_id] = decode_label(read_uri_bytes(answers[image_id], endpoint_url), answers[image_id])
+        except (DataError, StoreError) as exc:
+            problems.append(str(exc))
+    return store_answers(
+        groups, labels, problems, source_dir_or_uri, store, labels_prefix, num_classes, ignore_index,
+        extra={"skipped_files": skipped}, origins=answers,
+    )
 
 
 def _list_answer_files(source: str, endpoint_url: str | None) -> tuple[dict[str, str], list[str]]:
@@ -314,40 +267,3 @@ def _unexpected_files(answers: dict[str, str], groups: dict[str, Any]) -> list[s
         for i in sorted(answers)
         if i not in groups
     ]
-
-
-def _missing_ids(answers: dict[str, str], groups: dict[str, Any]) -> list[str]:
-    return [f"missing {i}.png for selected image id {i!r}" for i in groups if i not in answers]
-
-
-def _read_answer(
-    uri: str, row: dict[str, Any], num_classes: int, ignore_index: int, endpoint_url: str | None
-) -> tuple[np.ndarray | None, str | None]:
-    """(HxW uint8 label, None) if the PNG at ``uri`` is a valid answer, else (None, problem)."""
-    try:
-        label = decode_label(read_uri_bytes(uri, endpoint_url), uri)
-    except (DataError, StoreError) as exc:
-        return None, str(exc)
-    height, width = row["height"], row["width"]
-    if label.shape != (height, width):
-        return None, (
-            f"{uri}: size is {label.shape[1]}x{label.shape[0]} (WxH), expected "
-            f"{width}x{height} (WxH) for image {row['id']!r}"
-        )
-    values = np.unique(label)
-    bad = values[(values >= num_classes) & (values != ignore_index)]
-    if bad.size:
-        return None, (
-            f"{uri}: class id(s) {bad.tolist()} outside 0..{num_classes - 1} "
-            f"({ignore_index} = unlabeled)"
-        )
-    return label, None
-
-
-def _problem_report(source: str, problems: list[str]) -> str:
-    shown = problems[:_MAX_LISTED_PROBLEMS]
-    lines = [f"cannot import labels from {source}: {len(problems)} problem(s); nothing was written"]
-    lines += [f"  - {p}" for p in shown]
-    if len(problems) > len(shown):
-        lines.append(f"  ... and {len(problems) - len(shown)} more")
-    return "\n".join(lines)

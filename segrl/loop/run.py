@@ -48,6 +48,7 @@ from segrl.labeling import (
     selection_table,
     validate_selection,
 )
+from segrl.labeling.tools import export_tools
 from segrl.loop.report import miou_plot_png, rounds_table
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
@@ -279,6 +280,9 @@ class ActiveLearningLoop:
         else:
             if not self.store.exists(f"{labels_prefix}/{MARKER_NAME}"):
                 if not self.store.exists(f"{round_dir(r)}/labeling/manifest.json"):
+                    # the tools' files first: manifest.json, written last, says the export is whole
+                    export_tools(selection, self.store, f"{round_dir(r)}/labeling", self.state["classes"],
+                                 self.cfg.annotation, self.endpoint)
                     export_manifest(selection, self.store, f"{round_dir(r)}/labeling", self.state["classes"])
                 self.state["status"] = "waiting_for_labels"
                 self.state["waiting_round"] = r
@@ -428,9 +432,12 @@ class ActiveLearningLoop:
                            message=message)
 
     def _waiting_message(self, r: int) -> str:
+        tools = "".join(f" or {self.store.uri(round_dir(r) + '/labeling/' + t)}/" for t in self.cfg.annotation.tools)
         return (
-            f"round {r}: waiting for labels. Annotators: see {self.store.uri(round_dir(r) + '/labeling/README.md')}.\n"
-            f"Then: python jobs/import_labels.py --run {self.store.uri()} --round {r} --labels <folder of PNGs>\n"
+            f"round {r}: waiting for labels. Annotators: see {self.store.uri(round_dir(r) + '/labeling/README.md')}"
+            f"{tools}.\n"
+            f"Then: python jobs/import_labels.py --run {self.store.uri()} --round {r} --labels <folder of PNGs, "
+            f"Label Studio JSON export or CVAT export>\n"
             f"and rerun this job to continue."
         )
 

@@ -133,13 +133,16 @@ def test_killed_labor_loop_resumes_without_repeating_a_step_and_asks_disagreemen
 
 
 def test_external_labeling_round_trip_rejects_a_bad_import_whole(tmp_path: Path, ray_cluster):
-    cfg = tiny(tmp_path, "external", "al.rounds=0", "al.labeling=external", "al.initial_labeled=3")
+    cfg = tiny(tmp_path, "external", "al.rounds=0", "al.labeling=external", "al.initial_labeled=3",
+               "annotation.tools=[cvat]")
     waiting = run_loop(cfg)
     assert waiting.status == "waiting_for_labels" and "import_labels.py" in waiting.message
     run = tmp_path / "external"
     manifest = json.loads((run / "rounds/00/labeling/manifest.json").read_text())
     entries = manifest["images"]
     assert len(entries) == 3
+    assert "labeling/cvat/" in waiting.message  # the tool's task is written beside the manifest
+    assert len((run / "rounds/00/labeling/cvat/images.txt").read_text().splitlines()) == 3
     selection = pq.read_table(run / "rounds/00/selection.parquet")
     store = open_store(str(run))
     from segrl.data.pool import synthetic_label

@@ -131,3 +131,14 @@ def test_shipped_configs_load():
         if path.name.startswith("sweep_"):
             continue  # sweep files: tests/unit/test_sweep.py::test_shipped_sweeps_load
         load_config(path, cls=ScoreConfig if path.name.startswith("score_") else ExperimentConfig)
+
+
+def test_annotation_tools_and_image_urls_are_checked_by_name():
+    cfg = load_config(overrides=["annotation.tools=[label_studio,cvat]", "annotation.url_root=/data"])
+    assert cfg.annotation.tools == ("label_studio", "cvat") and cfg.annotation.image_urls == "local"
+    with pytest.raises(ConfigError, match=r"annotation.tools\[0\]' = 'labelbox' is not one of label_studio, cvat"):
+        load_config(overrides=["annotation.tools=[labelbox]"])
+    with pytest.raises(ConfigError, match="annotation.url_root.*LOCAL_FILES_DOCUMENT_ROOT"):
+        load_config(overrides=["annotation.tools=[label_studio]"])
+    with pytest.raises(ConfigError, match="annotation.url_prefix"):
+        load_config(overrides=["annotation.image_urls=prefix"])

@@ -1,7 +1,8 @@
 """Every third-party import is declared in pyproject.toml, so a fresh `pip install` brings it.
 
-segrl/ and jobs/ may use only ``[project.dependencies]``; tests/ and benchmarks/ may also use the
-optional extras. A module that is imported but installed here only by accident (matplotlib once)
+segrl/ and jobs/ may use only ``[project.dependencies]`` at module level; inside a function they
+may also import an optional feature's extra (any extra but "dev"), so that `import segrl` works
+without it. tests/ and benchmarks/ may also use every extra. A module that is imported but installed here only by accident (matplotlib once)
 fails this test on every machine, not just on a new user's.
 """
 
@@ -29,12 +30,24 @@ def distribution_name(requirement: str) -> str:
 
 def top_level_imports(source: str, filename: str) -> list[tuple[int, str]]:
     """(line, top-level module) of every absolute import in ``source``, in order."""
+    return [(line, module) for line, module, _ in imports_with_scope(source, filename)]
+
+
+def imports_with_scope(source: str, filename: str) -> list[tuple[int, str, bool]]:
+    """(line, top-level module, inside a function) of every absolute import in ``source``."""
+    tree = ast.parse(source, filename)
+    in_function = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for inner in ast.walk(node)
+    }
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, alias.name.split(".")[0], id(node) in in_function) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found.append((node.lineno, node.module.split(".")[0], id(node) in in_function))
     return sorted(found)
 
 
@@ -47,16 +60,22 @@ def undeclared_imports(root: Path, module_owners: Mapping[str, Iterable[str]]) -
     """
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     runtime = {distribution_name(r) for r in project.get("dependencies", [])}
-    extras = {distribution_name(r) for reqs in project.get("optional-dependencies", {}).values() for r in reqs}
+    optional = project.get("optional-dependencies", {})
+    extras = {distribution_name(r) for reqs in optional.values() for r in reqs}
+    features = {distribution_name(r) for name, reqs in optional.items() if name != "dev" for r in reqs}
     local = {"segrl"} | {p.stem for folder in (*RUNTIME_FOLDERS, *DEV_FOLDERS) for p in (root / folder).rglob("*.py")}
     problems = []
     for folder in (*RUNTIME_FOLDERS, *DEV_FOLDERS):
-        allowed = runtime if folder in RUNTIME_FOLDERS else runtime | extras
-        where = "[project.dependencies]" if folder in RUNTIME_FOLDERS else "[project.dependencies] or an extra"
         for path in sorted((root / folder).rglob("*.py")):
-            for line, module in top_level_imports(path.read_text(), str(path)):
+            for line, module, in_function in imports_with_scope(path.read_text(), str(path)):
                 if module in sys.stdlib_module_names or module in local:
                     continue
+                if folder not in RUNTIME_FOLDERS:
+                    allowed, where = runtime | extras, "[project.dependencies] or an extra"
+                elif in_function:
+                    allowed, where = runtime | features, "[project.dependencies] or a feature extra"
+                else:
+                    allowed, where = runtime, "[project.dependencies]"
                 owners = sorted({distribution_name(d) for d in module_owners.get(module, ())})
                 if not owners:
                     problems.append(f"{path.relative_to(root)}:{line}: imports '{module}', which no installed "
@@ -67,10 +86,11 @@ def undeclared_imports(root: Path, module_owners: Mapping[str, Iterable[str]]) -
     return problems
 
 
-def write_project(root: Path, dependencies: list[str], dev: list[str], files: dict[str, str]) -> Path:
+def write_project(root: Path, dependencies: list[str], dev: list[str], files: dict[str, str],
+                  feature: list[str] = ()) -> Path:
     (root / "pyproject.toml").write_text(
         f"[project]\nname = 'p'\ndependencies = {dependencies!r}\n"
-        f"[project.optional-dependencies]\ndev = {dev!r}\n"
+        f"[project.optional-dependencies]\ndev = {dev!r}\nfeature = {list(feature)!r}\n"
     )
     for folder in (*RUNTIME_FOLDERS, *DEV_FOLDERS):
         (root / folder).mkdir()
@@ -88,7 +108,7 @@ def test_a_runtime_import_missing_from_the_dependencies_names_file_line_and_dist
     })
     assert undeclared_imports(root, OWNERS) == [
         "segrl/report.py:5: imports 'yaml' from distribution pyyaml, which is not in [project.dependencies] "
-        "of pyproject.toml"
+        "or a feature extra of pyproject.toml"
     ]
 
 
@@ -101,6 +121,19 @@ def test_an_extra_covers_tests_and_benchmarks_but_not_jobs(tmp_path):
     })
     assert undeclared_imports(root, OWNERS) == [
         "jobs/j.py:1: imports 'PIL' from distribution pillow, which is not in [project.dependencies] of pyproject.toml"
+    ]
+
+
+def test_a_feature_extra_covers_function_level_imports_of_segrl_only(tmp_path):
+    root = write_project(tmp_path, ["numpy"], ["pytest"], {
+        "segrl/tool.py": "import numpy\n\ndef f():\n    from PIL import Image\n    import pytest\n",
+        "segrl/top.py": "from PIL import Image\n",
+    }, feature=["Pillow"])
+    assert undeclared_imports(root, OWNERS) == [
+        "segrl/tool.py:5: imports 'pytest' from distribution pytest, which is not in [project.dependencies] "
+        "or a feature extra of pyproject.toml",
+        "segrl/top.py:1: imports 'PIL' from distribution pillow, which is not in [project.dependencies] "
+        "of pyproject.toml",
     ]
 
 
