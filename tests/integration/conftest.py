@@ -35,7 +35,9 @@ class SharedRay:
         import ray
 
         if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            # "local": a new cluster even while another test's `ray start` cluster runs here,
+            # which a plain ray.init() would join
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         return ray
 
     def stop(self) -> None:

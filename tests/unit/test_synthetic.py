@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -130,13 +128,6 @@ def test_rejects_bad_arguments():
         render_scene(0, 0, (4, 100))
     with pytest.raises(ValueError, match="seed"):
         SyntheticScenes(3, SIZE, seed=-1)
-
-
-def test_rendering_is_fast():
-    start = time.perf_counter()
-    for i in range(100):
-        render_scene(0, i, (128, 160))
-    assert time.perf_counter() - start < 3.0  # ~1 s expected; generous for slow CI
 
 
 def test_write_synthetic_dataset_round_trips_through_manifest(tmp_path):
