@@ -6,6 +6,7 @@ throughput benchmark run them in a plain process.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segrl.config import TrainConfig
+from segrl.data.manifest import read_bytes
 from segrl.metrics import all_reduce_confusion, confusion_matrix
 
 # Run layout: <run>/train/ckpt_<step>/checkpoint.pt
@@ -112,8 +114,14 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` over this run's ``total_steps``, or over its ``cfg.schedule_span`` share
+    of one longer schedule: runs that continue each other (the loop's rounds with
+    ``al.retrain=continue``) then follow one schedule instead of each going back to the peak."""
+    start, end = cfg.schedule_span
+    whole = max(round(total_steps / (end - start)), 1)  # steps of the whole schedule at this run's pace
+    offset = round(start * whole)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+        optimizer, lambda step: lr_factor(offset + step, whole, cfg)
     )
 
 
@@ -229,8 +237,13 @@ def save_training_state(
     config: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     recipe_state: dict[str, Any] | None = None,
+    offsets: dict[str, int] | None = None,
 ) -> Path:
-    """Write model, optimiser, schedule, position, config and recipe state into ``directory``."""
+    """Write model, optimiser, schedule, position, config and recipe state into ``directory``.
+
+    ``offsets`` (``step``, ``epoch``) place this run inside a chain of runs that continue
+    each other (``train.resume_from``): the recipe's clocks (EMA warm-up, cold start) run on.
+    """
     path = Path(directory) / CHECKPOINT_FILE
     state = {
         "model": unwrap(model).state_dict(),
@@ -241,6 +254,7 @@ def save_training_state(
         "config": config,
         "metrics": metrics or {},
         "recipe": recipe_state or {},
+        "offsets": offsets or {"step": 0, "epoch": 0},
     }
     torch.save(state, path)
     return path
@@ -250,6 +264,27 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_training_state`` (tensors and plain data only)."""
     path = Path(directory) / CHECKPOINT_FILE
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_training_state(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """A ``checkpoint.pt`` written by ``save_training_state``, local or ``s3://``."""
+    return torch.load(io.BytesIO(read_bytes(uri, endpoint_url)), map_location="cpu", weights_only=True)
+
+
+def continue_from(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  recipe: Any) -> dict[str, int]:
+    """Start a run where another one ended (``train.resume_from``): its model, optimiser
+    moments and recipe state (teacher, banks, heads); returns this run's offsets.
+
+    Load the optimiser before building the scheduler: the scheduler then keeps the saved
+    base learning rates and sets the rate of this run's first step itself.
+    """
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("recipe"):
+        recipe.load_state_dict(state["recipe"])
+    offsets = state.get("offsets", {"step": 0, "epoch": 0})
+    return {"step": offsets["step"] + state["step"], "epoch": offsets["epoch"] + state["epoch"]}
 
 
 def make_loader(

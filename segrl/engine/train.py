@@ -204,6 +204,8 @@ def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
             raise ConfigError(f"the {name} set of {cfg.data.dataset} at {cfg.data.root!r} is empty")
         dataset[0]
     build_model(cfg.model.arch, len(sets.classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
+    if cfg.train.resume_from:  # its model entry must fit the model, like a weights file
+        build_model(cfg.model.arch, len(sets.classes), weights=cfg.train.resume_from, endpoint_url=endpoint)
     if cfg.method.teacher_weights:
         build_model(cfg.model.arch, len(sets.classes), weights=cfg.method.teacher_weights, endpoint_url=endpoint)
     recorded = {}
@@ -241,10 +243,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         amp_settings,
         build_optimizer,
         build_scheduler,
+        continue_from,
         cycle_batches,
         evaluate_confusion,
         load_training_state,
         make_loader,
+        read_training_state,
         recipe_step,
         unwrap,
     )
@@ -290,6 +294,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         term.synced.to(device)
     recipe.broadcast()
     optimizer = build_optimizer(torch.nn.ModuleList([model, extra]), tcfg)
+    restored = ray.train.get_checkpoint()
+    offsets = {"step": 0, "epoch": 0}  # where this run sits in a chain of runs (train.resume_from)
+    if restored is None and tcfg.resume_from:
+        offsets = continue_from(read_training_state(tcfg.resume_from, endpoint or None), model, optimizer, recipe)
     scheduler = build_scheduler(optimizer, total_steps, tcfg)
     amp_dtype, scaler = amp_settings(device, tcfg.amp)
     ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler, extra)
@@ -311,7 +319,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     snapshots = run_store(cfg).child(SNAPSHOT_DIR) if rank == 0 and snapshot_steps else None
 
     step, history, start_step = 0, [], 0
-    restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
             state = load_training_state(directory)
@@ -321,6 +328,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if state.get("recipe"):
             recipe.load_state_dict(state["recipe"])
         step = start_step = state["step"]
+        offsets = state.get("offsets", offsets)
         history = list(state["metrics"].get("history", []))
         if rank == 0:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
@@ -334,7 +342,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
                                     dict(metrics, history=history, classes=list(classes)),
-                                    recipe.state_dict())
+                                    recipe.state_dict(), offsets)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -350,8 +358,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             batch_u = next(unlabeled_batches) if unlabeled_batches is not None else None
             if target_batches is not None:
                 batch = concat_batches(batch, next(target_batches))
-            losses = recipe_step(ctx, recipe, batch, batch_u, epoch)
-            recipe.after_step(model, step)
+            # the recipe's clocks (cold start, EMA warm-up) run on across continued runs
+            losses = recipe_step(ctx, recipe, batch, batch_u, offsets["epoch"] + epoch)
+            recipe.after_step(model, offsets["step"] + step)
             for name, value in losses.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value
             loss_sum += losses["loss"]

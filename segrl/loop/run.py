@@ -2,9 +2,9 @@
 
 Round 0 selects the initial labeled images (random, or ``al.initial_ids``); round r > 0
 selects from round r-1's scores under the round's budget. Every round trains a model
-(Ray Train, any recipe; warm-started from the previous round's with ``al.warm_start``,
-as STAL's incremental retraining) and scores the pool with it (Ray Data), except that
-the last round only trains. Layout under ``<store.root>/<run>/``::
+(Ray Train, any recipe; from scratch, or with ``al.retrain=continue`` resuming the
+previous round's model, optimiser and schedule, as STAL's incremental retraining) and
+scores the pool with it (Ray Data), except that the last round only trains. Layout under ``<store.root>/<run>/``::
 
     config.yaml                 the resolved config
     state.json                  steps done, the step log, status (written atomically after each step)
@@ -57,6 +57,7 @@ from segrl.loop.select import (
     select_region_rows,
     select_whole_images,
 )
+from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
 STATE_FILE = "state.json"
 POOL_FILE = "pool.parquet"
@@ -347,12 +348,26 @@ class ActiveLearningLoop:
             changes["train.batch_size"] = per_worker
         if method.name in ("st", "st_pp"):
             changes["method.name"] = "supervised"  # multi-stage ST is not a per-round recipe
-        if self.al.warm_start and r > 0:
-            previous = sorted(self.store.list(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}"))[-1].rsplit("/", 1)[-1]
-            changes["model.weights"] = self.store.uri(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}/{previous}/checkpoint.pt")
+        changes.update(self._retrain_changes(r))
         summary = train(replace(self.cfg, **changes))
         metrics = summary.metrics
         return {"val_miou": metrics.get("val_miou"), "steps": metrics.get("step")}
+
+    def _retrain_changes(self, r: int) -> dict[str, Any]:
+        """``al.retrain``: from_scratch trains every round from ``model.weights`` with a whole
+        schedule; continue gives round r the [r, r+1) / (rounds + 1) share of one schedule and
+        resumes the model, optimiser and recipe state where round r-1's training ended (a
+        weights-only warm start with a fresh schedule back at the peak would undo it)."""
+        if self.al.retrain == "from_scratch":
+            return {}
+        parts = self.al.rounds + 1
+        changes: dict[str, Any] = {"train.schedule_span": (r / parts, (r + 1) / parts)}
+        if r > 0:
+            folder = f"{round_dir(r - 1)}/model/{TRAIN_DIR}"
+            names = sorted(name.rsplit("/", 1)[-1] for name in self.store.list(folder))
+            last = [name for name in names if name.startswith(CHECKPOINT_PREFIX)][-1]
+            changes["train.resume_from"] = self.store.uri(f"{folder}/{last}/{CHECKPOINT_FILE}")
+        return changes
 
     def _score(self, r: int) -> dict[str, Any]:
         from segrl.engine.score import score_pool

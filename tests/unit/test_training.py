@@ -79,3 +79,61 @@ def test_sampler_repeats_a_small_set_within_an_epoch_and_stays_deterministic():
     assert ShardSampler(3, seed=1, repeats=3).indices()[:3] == ShardSampler(3, seed=1).indices()  # first pass unchanged
     again = ShardSampler(3, rank=0, world=2, seed=1, repeats=3)
     assert again.indices() == sampler.indices()
+
+
+def _lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int,
+         model: torch.nn.Module) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        model(torch.ones(2, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return rates
+
+
+class _NoRecipe:
+    def load_state_dict(self, state):
+        raise AssertionError("no recipe state was saved")
+
+
+def test_a_continued_run_follows_one_schedule_with_the_optimiser_state(tmp_path):
+    """Two runs covering [0, 0.5) and [0.5, 1) of one schedule, the second continuing the
+    first (al.retrain=continue), take the learning rates of one 10-step run, and the second
+    starts with the first's model and Adam moments (not a fresh optimiser back at the peak)."""
+    from segrl.training import build_scheduler, continue_from, read_training_state, save_training_state
+
+    whole = TrainConfig(schedule="onecycle", lr=0.1)
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(3, 2)
+    opt = build_optimizer(reference, whole)
+    expected = _lrs(opt, build_scheduler(opt, 10, whole), 10, reference)
+
+    first_cfg = TrainConfig(schedule="onecycle", lr=0.1, schedule_span=(0.0, 0.5))
+    torch.manual_seed(0)
+    first = torch.nn.Linear(3, 2)
+    opt_a = build_optimizer(first, first_cfg)
+    sched_a = build_scheduler(opt_a, 5, first_cfg)
+    rates = _lrs(opt_a, sched_a, 5, first)
+    save_training_state(tmp_path, first, opt_a, sched_a, step=5, epoch=1, config={})
+
+    second_cfg = TrainConfig(schedule="onecycle", lr=0.1, schedule_span=(0.5, 1.0))
+    second = torch.nn.Linear(3, 2)
+    opt_b = build_optimizer(second, second_cfg)
+    offsets = continue_from(read_training_state(str(tmp_path / "checkpoint.pt")), second, opt_b, _NoRecipe())
+    assert offsets == {"step": 5, "epoch": 1}
+    assert torch.equal(second.weight, first.weight)
+    assert opt_b.state[second.weight]["step"].item() == 5  # Adam's moments carried over
+    rates += _lrs(opt_b, build_scheduler(opt_b, 5, second_cfg), 5, second)
+    assert rates == pytest.approx(expected)
+    assert max(rates[5:]) < max(rates[:5])  # the second run never climbs back to the peak
+
+
+def test_schedule_span_is_validated_by_name():
+    from segrl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.schedule_span.*0.6, 0.4"):
+        load_config(overrides=["train.schedule_span=[0.6, 0.4]"])
+    with pytest.raises(ConfigError, match="al.retrain.*'warm'"):
+        load_config(overrides=["al.retrain=warm"])
