@@ -141,6 +141,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     snapshots: int = 0  # K model-only snapshots at evenly spaced steps (ST++ stability); 0 = none
     class_weighting: str = "none"  # none | inverse_sqrt_frequency
+    # labeled_pixels: where the labeled set knows each image's labeled pixels (the loop's),
+    # draw images in proportion to them, an epoch being the labels in whole images; images:
+    # every image once per epoch whatever share of it is labeled.
+    sampling: str = "labeled_pixels"
     log_every_steps: int = 20
     seed: int = 0
     # Continuing another run (the loop's al.retrain=continue): its checkpoint.pt gives the
@@ -165,6 +169,7 @@ class TrainConfig:
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("train.snapshots", self.snapshots, 0)
         _one_of("train.class_weighting", self.class_weighting, ("none", "inverse_sqrt_frequency"))
+        _one_of("train.sampling", self.sampling, ("labeled_pixels", "images"))
         _at_least("train.log_every_steps", self.log_every_steps, 1)
         if len(self.schedule_span) != 2 or not 0 <= self.schedule_span[0] < self.schedule_span[1] <= 1:
             _fail("train.schedule_span", list(self.schedule_span), "must be [start, end] with 0 <= start < end <= 1")
@@ -274,6 +279,9 @@ class ALConfig:
     # continue: each round resumes the last round's model, optimiser and recipe state, and the
     # rounds share one learning-rate schedule (STAL's incremental retraining).
     retrain: str = "from_scratch"  # from_scratch | continue
+    # Round r trains train.steps x (its labeled pixels / round 0's), so later labels get as
+    # many steps as the first ones (a fixed count shares them among ever more labels).
+    scale_steps: bool = True
     seed: int = 0
 
     def validate(self) -> None:

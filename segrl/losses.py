@@ -54,16 +54,26 @@ def cross_entropy(
     target: torch.Tensor,
     ignore_index: int = 255,
     class_weight: torch.Tensor | None = None,
+    image_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pixel cross-entropy averaged over labeled pixels.
 
+    ``image_weight`` ``B`` weighs every pixel of image b by ``image_weight[b]`` in the
+    (weighted) mean, e.g. importance weights of images drawn by their labeled pixels.
     A batch whose pixels are all ignored gives 0 with a gradient path (not NaN), which
     happens with sparse labels and with heavy crops of mostly-void frames.
     """
-    labeled = (target != ignore_index).sum()
-    if labeled == 0:
+    labeled = target != ignore_index
+    if labeled.sum() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index)
+    if image_weight is None:
+        return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index,
+                                reduction="none")
+    weight = image_weight.to(per_pixel).view(-1, 1, 1) * labeled
+    if class_weight is not None:  # as F.cross_entropy's mean: divided by the class weights too
+        weight = weight * class_weight.to(per_pixel)[target.clamp(max=len(class_weight) - 1)]
+    return (per_pixel * image_weight.to(per_pixel).view(-1, 1, 1)).sum() / weight.sum().clamp(min=1e-12)
 
 
 # --------------------------------------------------------------------------------------

@@ -246,6 +246,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         continue_from,
         cycle_batches,
         evaluate_confusion,
+        label_weights,
+        labeled_sampler,
         load_training_state,
         make_loader,
         read_training_state,
@@ -268,14 +270,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     classes = sets.classes
     ignore = sets.labeled.ignore_index
     n_source, n_target, n_unlabeled = batch_sizes(tcfg.batch_size, cfg.data.batch_ratio)
-    train_sampler = ShardSampler(len(sets.labeled), rank, world, seed=tcfg.seed)
+    train_sampler = labeled_sampler(sets.labeled, tcfg, rank, world, n_source)
     # Padding would count duplicated val images twice; unequal shards are fine for eval.
     val_sampler = ShardSampler(len(sets.val), rank, world, shuffle=False, pad=False)
     steps_per_epoch = len(train_sampler) // n_source
     if steps_per_epoch == 0:
         raise ConfigError(
             f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
-            f"{len(train_sampler)} labeled training images each of {world} workers gets"
+            f"{len(train_sampler)} labeled training images (or draws) each of {world} workers gets"
         )
     if tcfg.steps:
         # A small labeled set would make thousands of tiny epochs (an eval and a checkpoint
@@ -355,6 +357,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for batch in loader:
+            if train_sampler.weights is not None:
+                batch = label_weights(batch)
             batch_u = next(unlabeled_batches) if unlabeled_batches is not None else None
             if target_batches is not None:
                 batch = concat_batches(batch, next(target_batches))

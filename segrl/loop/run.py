@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
 from segrl.console import say
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
+from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
 from segrl.labeling import (
     MARKER_NAME,
     encode_label_png,
@@ -329,9 +331,11 @@ class ActiveLearningLoop:
             raise ConfigError("config field 'data.batch_ratio' = "
                               f"{list(self.cfg.data.batch_ratio)} gives the target frames the loop labels no "
                               "share of a batch: set its second entry > 0, e.g. [1, 1, 1]")
+        pixels = pc.multiply(index.column("height"), index.column("width"))
         labeled = pa.table({"id": index.column("id"), "image_uri": index.column("image_uri"),
                             "label_uri": pa.array([self.store.uri(f"labels/{i}.png")
-                                                   for i in index.column("id").to_pylist()])})
+                                                   for i in index.column("id").to_pylist()]),
+                            LABELED_PIXELS_COLUMN: index.column("labeled_pixels"), IMAGE_PIXELS_COLUMN: pixels})
         manifest = f"{round_dir(r)}/labeled.parquet"
         self.store.write_table(manifest, labeled)
         method = self.cfg.method
@@ -349,9 +353,22 @@ class ActiveLearningLoop:
         if method.name in ("st", "st_pp"):
             changes["method.name"] = "supervised"  # multi-stage ST is not a per-round recipe
         changes.update(self._retrain_changes(r))
+        steps = self._round_steps(int(pc.sum(index.column("labeled_pixels")).as_py() or 0))
+        if steps:
+            changes["train.steps"] = steps
         summary = train(replace(self.cfg, **changes))
         metrics = summary.metrics
         return {"val_miou": metrics.get("val_miou"), "steps": metrics.get("step")}
+
+    def _round_steps(self, labeled_pixels: int) -> int:
+        """``train.steps`` of a round: with ``al.scale_steps``, scaled by the labels it has
+        against round 0's, so a label of a later round gets as many steps as round 0's did
+        (a fixed count would share them among ever more labels). 0 = leave as configured."""
+        steps = self.cfg.train.steps
+        if not (self.al.scale_steps and steps):
+            return 0
+        first = self.state.setdefault("first_labeled_pixels", labeled_pixels)
+        return max(steps, round(steps * labeled_pixels / max(first, 1)))
 
     def _retrain_changes(self, r: int) -> dict[str, Any]:
         """``al.retrain``: from_scratch trains every round from ``model.weights`` with a whole

@@ -135,9 +135,15 @@ class Recipe:
         for term, saved in zip(self.terms, state.get("terms", []), strict=False):
             term.load_state_dict(saved)
 
+    def _labeled_ce(self, logits: torch.Tensor, batch_x: dict) -> torch.Tensor:
+        """CE on the labeled batch; images drawn by their labeled pixels carry ``label_weight``
+        (``segrl.training.label_weights``), which keeps every labeled pixel's weight equal."""
+        return cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index,
+                             image_weight=batch_x.get("label_weight"))
+
     def _supervised(self, model: nn.Module, batch_x: dict) -> tuple[dict, StepOutputs]:
         logits, feats = model(batch_x["image"], return_features=True)
-        loss = cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index)
+        loss = self._labeled_ce(logits, batch_x)
         return {"loss": loss, "loss_x": loss.detach()}, StepOutputs(logits, feats, batch_x["mask"])
 
 
@@ -213,7 +219,7 @@ class MeanTeacherRecipe(Recipe):
             parts.append(mixed[0])
         logits, feats = model(torch.cat(parts), return_features=True)
         n_x, n_u = images_x.shape[0], images_u.shape[0]
-        loss_x = cross_entropy(logits[:n_x], masks_x, ignore_index=self.ignore_index)
+        loss_x = self._labeled_ce(logits[:n_x], batch_x)
         loss_u = self._pseudo_loss(logits[n_x : n_x + n_u], probs_u, cut_u)
         total = loss_x + self.cfg.lambda_u * loss_u
         out = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
@@ -278,7 +284,7 @@ def _student_on_strong_view(
     strong_u, cut_u = strong_views(images_u, recipe.ignore_index)
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
-    loss_x = cross_entropy(logits[:n_x], batch_x["mask"], ignore_index=recipe.ignore_index)
+    loss_x = recipe._labeled_ce(logits[:n_x], batch_x)
     return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], cut_u)
 
 

@@ -259,3 +259,19 @@ def test_discriminator_loss_halves_and_generator_label():
     assert discriminator_loss(zeros, zeros).item() == pytest.approx(math.log(2))
     big = torch.full((1, 1, 2, 2), 20.0)
     assert discriminator_loss(big, -big).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cross_entropy_image_weight_is_a_weighted_mean_over_labeled_pixels():
+    """Image 0: one labeled pixel of loss log 2; image 1: two labeled pixels of loss
+    log(1 + e^-2) each (one pixel unlabeled). Weights 1 and 3 give (1*a + 3*2b) / (1 + 3*2)."""
+    from segrl.losses import cross_entropy
+
+    logits = torch.zeros(2, 2, 1, 3)
+    logits[1, 0] = 2.0  # image 1 predicts class 0 with margin 2
+    target = torch.tensor([[[0, 255, 255]], [[0, 0, 255]]])
+    a, b = math.log(2.0), math.log(1 + math.exp(-2.0))
+    weighted = cross_entropy(logits, target, image_weight=torch.tensor([1.0, 3.0]))
+    assert weighted.item() == pytest.approx((a + 3 * 2 * b) / 7)
+    plain = cross_entropy(logits, target)
+    assert cross_entropy(logits, target, image_weight=torch.ones(2)).item() == pytest.approx(plain.item())
+    assert plain.item() == pytest.approx((a + 2 * b) / 3)

@@ -137,3 +137,53 @@ def test_schedule_span_is_validated_by_name():
         load_config(overrides=["train.schedule_span=[0.6, 0.4]"])
     with pytest.raises(ConfigError, match="al.retrain.*'warm'"):
         load_config(overrides=["al.retrain=warm"])
+
+
+class _CountedSet(torch.utils.data.Dataset):
+    """A labeled set that knows its labeled pixels per image, as the loop's manifests do."""
+
+    metadata_columns = ("labeled_pixels", "image_pixels")
+
+    def __init__(self, labeled: list[int], pixels: int = 100) -> None:
+        self.columns = {"labeled_pixels": labeled, "image_pixels": [pixels] * len(labeled)}
+
+    def __len__(self) -> int:
+        return len(self.columns["labeled_pixels"])
+
+    def metadata(self, name: str) -> list:
+        return self.columns[name]
+
+
+def test_sparse_labels_are_drawn_by_labeled_pixels_and_an_epoch_is_their_whole_images():
+    """Two fully labeled images and eight with a tenth labeled: 2.8 images' worth of labels.
+    An epoch is 3 draws (not 10), images come up in proportion to their labels, and the
+    loss weight 1 / labeled pixels gives every labeled pixel the same expected weight."""
+    from segrl.training import label_weights, labeled_sampler
+
+    counts = [100, 100] + [10] * 8
+    sampler = labeled_sampler(_CountedSet(counts), TrainConfig(seed=4), rank=0, world=1, batch_size=1)
+    assert len(sampler) == 3
+    draws = []
+    for epoch in range(3000):
+        sampler.set_epoch(epoch)
+        draws += list(sampler)
+    share = torch.bincount(torch.tensor(draws), minlength=10).double() / len(draws)
+    expected = torch.tensor(counts, dtype=torch.double) / sum(counts)
+    assert torch.allclose(share, expected, atol=0.01)
+    sampler.set_epoch(7)
+    assert list(sampler) == list(sampler)  # the same draw for the same epoch (resumable)
+    weights = label_weights({"labeled_pixels": torch.tensor(counts)})["label_weight"]
+    assert torch.allclose(expected * weights, expected[0] * weights[0])  # draw share x weight: equal
+    # Small sets still fill a batch on every worker; two workers split each epoch's draws.
+    assert len(labeled_sampler(_CountedSet(counts), TrainConfig(), 0, 2, batch_size=4)) == 4
+
+
+def test_dense_or_unknown_label_counts_keep_the_plain_permutation():
+    from segrl.training import labeled_sampler
+
+    dense = labeled_sampler(_CountedSet([100] * 5), TrainConfig(seed=1), 0, 1, 1)
+    assert dense.weights is None and dense.indices() == ShardSampler(5, seed=1).indices()
+    uniform = labeled_sampler(_CountedSet([100, 10]), TrainConfig(sampling="images"), 0, 1, 1)
+    assert uniform.weights is None and len(uniform) == 2
+    plain = labeled_sampler(torch.utils.data.TensorDataset(torch.zeros(3)), TrainConfig(), 0, 1, 1)
+    assert plain.weights is None and len(plain) == 3
