@@ -153,9 +153,29 @@ class SupervisedRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         out, outputs = self._supervised(model, batch_x)
         if batch_u is not None:
-            with torch.no_grad():
-                _, outputs.feats_u = unwrap(model)(batch_u["image"], return_features=True)
+            outputs.feats_u = probe_features(model, batch_u["image"])
         return out, outputs
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Features ``B x D x h x w`` of ``images`` from a forward that leaves the model as it was.
+
+    Eval mode: a train-mode forward would move BatchNorm's running statistics toward these
+    images (a probe must not change the model it measures), and it gives the features that
+    scoring sees. The random stream is restored, so a run with a probe draws what one
+    without it draws.
+    """
+    bare = unwrap(model)
+    was_training = bare.training
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        bare.eval()
+        try:
+            _, feats = bare(images, return_features=True)
+        finally:
+            bare.train(was_training)
+    return feats
 
 
 class MeanTeacherRecipe(Recipe):

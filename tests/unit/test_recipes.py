@@ -100,3 +100,25 @@ def test_unknown_method_is_rejected_by_name():
 
     with pytest.raises(ConfigError, match="method.name"):
         load_config(overrides=["method.name=fixmatch"])
+
+
+def test_labor_probe_forward_leaves_the_model_and_the_random_stream_as_they_were():
+    """A supervised step with LabOR's selector (which reads unlabeled features) must change
+    the model exactly as the same step without it: same BatchNorm running statistics and
+    the same random stream afterwards (the old train-mode probe moved the statistics)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    probed = copy.deepcopy(model)
+    x, u = batch(), batch(seed=1)
+    torch.manual_seed(1)
+    SupervisedRecipe(model, MethodConfig()).losses(model, x, None, epoch=0)
+    plain_rng = torch.get_rng_state()
+    recipe = build_recipe(MethodConfig(labor_selector=True), probed, None, 255, seed=0)
+    torch.manual_seed(1)
+    out = recipe.losses(probed, x, u, epoch=0)
+    assert "labor_discrepancy" in out and probed.training
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    for (name, expected), (_, got) in zip(model.named_buffers(), probed.named_buffers(), strict=True):
+        assert torch.equal(expected, got), name
