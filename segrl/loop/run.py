@@ -38,8 +38,8 @@ import pyarrow.compute as pc
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
 from segrl.console import say
-from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
 from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
+from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
 from segrl.labeling import (
     MARKER_NAME,
     encode_label_png,

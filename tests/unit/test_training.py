@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segrl.config import TrainConfig
-from segrl.training import ShardSampler, build_optimizer, lr_factor
+from segrl.config import ConfigError, TrainConfig, load_config
+from segrl.training import (
+    ShardSampler,
+    build_optimizer,
+    build_scheduler,
+    continue_from,
+    label_weights,
+    labeled_sampler,
+    lr_factor,
+    read_training_state,
+    save_training_state,
+)
 
 
 def test_shards_partition_one_epoch_and_pad_to_equal_length():
@@ -102,8 +112,6 @@ def test_a_continued_run_follows_one_schedule_with_the_optimiser_state(tmp_path)
     """Two runs covering [0, 0.5) and [0.5, 1) of one schedule, the second continuing the
     first (al.retrain=continue), take the learning rates of one 10-step run, and the second
     starts with the first's model and Adam moments (not a fresh optimiser back at the peak)."""
-    from segrl.training import build_scheduler, continue_from, read_training_state, save_training_state
-
     whole = TrainConfig(schedule="onecycle", lr=0.1)
     torch.manual_seed(0)
     reference = torch.nn.Linear(3, 2)
@@ -131,8 +139,6 @@ def test_a_continued_run_follows_one_schedule_with_the_optimiser_state(tmp_path)
 
 
 def test_schedule_span_is_validated_by_name():
-    from segrl.config import ConfigError, load_config
-
     with pytest.raises(ConfigError, match=r"train.schedule_span.*0.6, 0.4"):
         load_config(overrides=["train.schedule_span=[0.6, 0.4]"])
     with pytest.raises(ConfigError, match="al.retrain.*'warm'"):
@@ -158,8 +164,6 @@ def test_sparse_labels_are_drawn_by_labeled_pixels_and_an_epoch_is_their_whole_i
     """Two fully labeled images and eight with a tenth labeled: 2.8 images' worth of labels.
     An epoch is 3 draws (not 10), images come up in proportion to their labels, and the
     loss weight 1 / labeled pixels gives every labeled pixel the same expected weight."""
-    from segrl.training import label_weights, labeled_sampler
-
     counts = [100, 100] + [10] * 8
     sampler = labeled_sampler(_CountedSet(counts), TrainConfig(seed=4), rank=0, world=1, batch_size=1)
     assert len(sampler) == 3
@@ -179,8 +183,6 @@ def test_sparse_labels_are_drawn_by_labeled_pixels_and_an_epoch_is_their_whole_i
 
 
 def test_dense_or_unknown_label_counts_keep_the_plain_permutation():
-    from segrl.training import labeled_sampler
-
     dense = labeled_sampler(_CountedSet([100] * 5), TrainConfig(seed=1), 0, 1, 1)
     assert dense.weights is None and dense.indices() == ShardSampler(5, seed=1).indices()
     uniform = labeled_sampler(_CountedSet([100, 10]), TrainConfig(sampling="images"), 0, 1, 1)
