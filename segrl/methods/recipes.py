@@ -60,6 +60,15 @@ from segrl.models.ema import EMATeacher, unwrap
 RECIPES = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill")
 
 
+def valid_pixels(batch: dict) -> torch.Tensor:
+    """``B x H x W`` bool: the frames' own pixels, False on crop padding (``ToTensors``'s
+    ``valid``; a batch without it counts every pixel)."""
+    if "valid" in batch:
+        return batch["valid"].bool()
+    image = batch["image"]
+    return torch.ones(image.shape[0], *image.shape[-2:], dtype=torch.bool, device=image.device)
+
+
 def strong_views(images: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Strong views ``B x 3 x H x W`` of weak images and their cutout masks ``B x H x W``
     (True where cutout blanked the pixel: no pseudo label may be learned there)."""
@@ -197,61 +206,68 @@ class MeanTeacherRecipe(Recipe):
         counts = class_pixel_counts if class_pixel_counts is not None else torch.ones(1)
         self.mix_probs = balanced_class_probabilities(counts, cfg.classmix_temperature)
         self.generator = torch.Generator().manual_seed(seed)
+        self._teacher_has_own_statistics = False  # set by the first step with unlabeled images
 
     def _teacher_probs(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images).float().softmax(1)
+        """Teacher softmax on weak views. Its BatchNorm keeps statistics of weak views of
+        its own (see ``after_step``): the student's come mostly from strong, mixed views,
+        while the teacher is the model that is evaluated and deployed."""
+        return self.teacher.with_batch_statistics(images).float().softmax(1)
 
-    def _mix(self, images: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced ClassMix: paste tail-biased classes of a source image onto each image.
+    def _mix(self, images: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor,
+             sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Balanced ClassMix on weak views: paste tail-biased classes of a source image
+        (the teacher's pseudo labels on its own pixels) onto each image, one mix per image.
 
-        Sources are the batch rolled by one and, with a replay buffer, earlier images.
-        Returns mixed images ``B' x 3 x H x W`` and mixed teacher probabilities.
+        images ``B x 3 x H x W``, probs ``B x C x H x W``, valid ``B x H x W`` (False on crop
+        padding); sources the same three for the source images. Returns the mixed images,
+        probabilities and valid maps; a source's padding is never pasted.
         """
+        src_images, src_probs, src_valid = sources
+        src_pseudo = src_probs.argmax(1).masked_fill(~src_valid, self.ignore_index)
         pseudo = probs.argmax(1)
-        sources = [(images.roll(1, 0), probs.roll(1, 0))]
-        if self.buffer is not None and len(self.buffer):
-            old_images, _ = self.buffer.sample(images.shape[0])
-            old_images = old_images.to(images.device)
-            sources.append((old_images, self._teacher_probs(old_images)))
-        mixed_images, mixed_probs = [], []
-        for src_images, src_probs in sources:
-            src_pseudo = src_probs.argmax(1)
-            for i in range(images.shape[0]):
-                classes = sample_mix_classes(src_pseudo[i].unique(), self.mix_probs, generator=self.generator)
-                image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i], classes.to(pseudo.device))
-                mixed_images.append(image)
-                mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
-        if self.buffer is not None:
-            self.buffer.add((images.detach().cpu(), pseudo.detach().cpu()))
-        return torch.stack(mixed_images), torch.stack(mixed_probs)
+        mixed_images, mixed_probs, mixed_valid = [], [], []
+        for i in range(images.shape[0]):
+            present = src_pseudo[i].unique()
+            classes = sample_mix_classes(present[present != self.ignore_index], self.mix_probs,
+                                         generator=self.generator)
+            image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i],
+                                       classes.to(pseudo.device), self.ignore_index)
+            mixed_images.append(image)
+            mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
+            mixed_valid.append(paste | valid[i])
+        return torch.stack(mixed_images), torch.stack(mixed_probs), torch.stack(mixed_valid)
 
     def compute(self, model, batch_x, batch_u, epoch):
         images_x, masks_x = batch_x["image"], batch_x["mask"]
         if batch_u is None or epoch < self.cfg.cold_start_epochs:
             return self._supervised(model, batch_x)
-        images_u = batch_u["image"]
-        probs_u = self._teacher_probs(images_u)
-        strong_u, cut_u = strong_views(images_u, self.ignore_index)
-        parts = [images_x, strong_u]
-        mixed = None
-        if self.cfg.classmix:
-            mixed = self._mix(strong_u, probs_u)
-            parts.append(mixed[0])
-        logits, feats = model(torch.cat(parts), return_features=True)
+        self._teacher_has_own_statistics = True
+        images_u, valid_u = batch_u["image"], valid_pixels(batch_u)
         n_x, n_u = images_x.shape[0], images_u.shape[0]
+        replayed = self.buffer is not None and len(self.buffer) > 0
+        if replayed:  # earlier weak views, labeled by the teacher in the same forward
+            old_images, old_valid = (t.to(images_u.device) for t in self.buffer.sample(n_u))
+            probs = self._teacher_probs(torch.cat([images_u, old_images]))
+            probs_u, sources = probs[:n_u], (old_images, probs[n_u:], old_valid.bool())
+        else:
+            probs_u = self._teacher_probs(images_u)
+            sources = (images_u.roll(1, 0), probs_u.roll(1, 0), valid_u.roll(1, 0))
+        if self.buffer is not None:
+            self.buffer.add((images_u.detach().cpu(), valid_u.long().cpu()))
+        if self.cfg.classmix:
+            # S4AL: the student learns the mixed images only, one per unlabeled image
+            images_u, probs_u, valid_u = self._mix(images_u, probs_u, valid_u, sources)
+        strong_u, cut_u = strong_views(images_u, self.ignore_index)
+        ignore_u = cut_u | ~valid_u  # cutout boxes and crop padding: nothing to see there
+        logits, feats = model(torch.cat([images_x, strong_u]), return_features=True)
         loss_x = self._labeled_ce(logits[:n_x], batch_x)
-        loss_u = self._pseudo_loss(logits[n_x : n_x + n_u], probs_u, cut_u)
-        total = loss_x + self.cfg.lambda_u * loss_u
-        out = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
-        if mixed is not None:
-            loss_mix = self._pseudo_loss(logits[n_x + n_u :], mixed[1], None)
-            total = total + self.cfg.lambda_mix * loss_mix
-            out["loss_mix"] = loss_mix.detach()
-        out["loss"] = total
+        loss_u = self._pseudo_loss(logits[n_x:], probs_u, ignore_u)
+        name, weight = ("loss_mix", self.cfg.lambda_mix) if self.cfg.classmix else ("loss_u", self.cfg.lambda_u)
+        out = {"loss": loss_x + weight * loss_u, "loss_x": loss_x.detach(), name: loss_u.detach()}
         conf_u, pseudo_u = probs_u.max(1)
-        outputs = StepOutputs(logits[:n_x], feats[:n_x], masks_x, logits[n_x : n_x + n_u],
-                              feats[n_x : n_x + n_u], pseudo_u.masked_fill(cut_u, self.ignore_index),
-                              conf_u, probs_u)
+        outputs = StepOutputs(logits[:n_x], feats[:n_x], masks_x, logits[n_x:], feats[n_x:],
+                              pseudo_u.masked_fill(ignore_u, self.ignore_index), conf_u, probs_u)
         return out, outputs
 
     def _pseudo_loss(self, logits: torch.Tensor, probs: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
@@ -266,7 +282,9 @@ class MeanTeacherRecipe(Recipe):
         return cross_entropy(logits, pseudo, ignore_index=self.ignore_index)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.teacher.update(model, step)
+        # Supervised-only (cold start) steps give the teacher no forward: copy the student's
+        # statistics, which then come from weak labeled views alone.
+        self.teacher.update(model, step, copy_buffers=not self._teacher_has_own_statistics)
         super().after_step(model, step)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
@@ -295,17 +313,16 @@ class StrongForward:
     feats_x: torch.Tensor
     logits_u: torch.Tensor
     feats_u: torch.Tensor
-    cut_u: torch.Tensor  # cutout pixels of the strong views: no pseudo label there
+    cut_u: torch.Tensor  # cutout boxes of the strong views and crop padding: no pseudo label there
 
 
-def _student_on_strong_view(
-    recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor
-) -> StrongForward:
-    strong_u, cut_u = strong_views(images_u, recipe.ignore_index)
+def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> StrongForward:
+    strong_u, cut_u = strong_views(batch_u["image"], recipe.ignore_index)
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
     loss_x = recipe._labeled_ce(logits[:n_x], batch_x)
-    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], cut_u)
+    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:],
+                         cut_u | ~valid_pixels(batch_u))
 
 
 class PseudoLabelRecipe(Recipe):
@@ -317,7 +334,7 @@ class PseudoLabelRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         if batch_u is None:
             return self._supervised(model, batch_x)
-        f = _student_on_strong_view(self, model, batch_x, batch_u["image"])
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         pseudo = batch_u["mask"].masked_fill(f.cut_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
@@ -356,7 +373,7 @@ class ProdaRecipe(Recipe):
             self.prototypes.update(feats_w, coarse, self.ignore_index)
         protos = self.prototypes.prototypes.to(feats_w.device)
         rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature)
-        f = _student_on_strong_view(self, model, batch_x, images_u)
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         pseudo = hard.masked_fill(f.cut_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
         loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature)
@@ -404,7 +421,7 @@ class DistillRecipe(Recipe):
             return self._supervised(model, batch_x)
         images_u = batch_u["image"]
         soft = self.teacher(images_u).float().softmax(1)
-        f = _student_on_strong_view(self, model, batch_x, images_u)
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         keep = (~f.cut_u).unsqueeze(1).float()
         log_student = f.logits_u.float().log_softmax(1)
         kl = (soft * (soft.clamp(min=1e-8).log() - log_student) * keep).sum(1).sum() / keep.sum().clamp(min=1)
