@@ -234,6 +234,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from segrl.data.build import build_training_sets
+    from segrl.losses import inverse_sqrt_frequency_weights
     from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
     from segrl.models import build_model
@@ -289,8 +290,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
     model = ray.train.torch.prepare_model(model)
-    recipe = build_recipe(cfg.method, model, _class_counts(cfg, sets.labeled), ignore, tcfg.seed + rank,
-                          endpoint or None)
+    counts = _class_counts(cfg, sets.labeled)
+    class_weight = inverse_sqrt_frequency_weights(counts) if tcfg.class_weighting == "inverse_sqrt_frequency" else None
+    recipe = build_recipe(cfg.method, model, counts, ignore, tcfg.seed + rank, endpoint or None, class_weight)
     extra = torch.nn.ModuleList(recipe.trainable_modules()).to(device)
     for term in recipe.terms:
         term.synced.to(device)
@@ -454,8 +456,9 @@ def save_snapshot(store: ArtifactStore, model: torch.nn.Module, step: int, confi
 
 
 def _class_counts(cfg: ExperimentConfig, labeled: Any) -> torch.Tensor | None:
-    """Labeled pixels per class, for Balanced ClassMix's tail bias (one pass over the masks)."""
-    if not cfg.method.classmix:
+    """Labeled pixels per class, for Balanced ClassMix's tail bias and ``train.class_weighting``
+    (one pass over the masks), or None when neither is on."""
+    if not cfg.method.classmix and cfg.train.class_weighting == "none":
         return None
     counts = torch.zeros(len(labeled.classes), dtype=torch.int64)
     for i in range(len(labeled)):

@@ -91,6 +91,7 @@ class Recipe:
 
     uses_unlabeled = False
     needs_pseudo = False  # unlabeled batches come with offline pseudo labels ("mask")
+    class_weight: torch.Tensor | None = None  # ``C`` weights of the labeled CE (train.class_weighting)
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
         self.cfg, self.ignore_index = cfg, ignore_index
@@ -148,7 +149,7 @@ class Recipe:
         """CE on the labeled batch; images drawn by their labeled pixels carry ``label_weight``
         (``segrl.training.label_weights``), which keeps every labeled pixel's weight equal."""
         return cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index,
-                             image_weight=batch_x.get("label_weight"))
+                             class_weight=self.class_weight, image_weight=batch_x.get("label_weight"))
 
     def _supervised(self, model: nn.Module, batch_x: dict) -> tuple[dict, StepOutputs]:
         logits, feats = model(batch_x["image"], return_features=True)
@@ -368,17 +369,18 @@ class ProdaRecipe(Recipe):
         initial_soft = self.initial(images_u).float().softmax(1)
         _, feats_w = self.teacher(images_u, return_features=True)
         grid = tuple(feats_w.shape[-2:])
-        coarse = to_feature_grid(initial_soft.argmax(1), grid)
-        if not self.prototypes.initialized.any():
-            self.prototypes.update(feats_w, coarse, self.ignore_index)
         protos = self.prototypes.prototypes.to(feats_w.device)
-        rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature)
+        known = self.prototypes.initialized.to(feats_w.device)  # no zero row enters a softmax
+        rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature,
+                                                        known)
         f = _student_on_strong_view(self, model, batch_x, batch_u)
         pseudo = hard.masked_fill(f.cut_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
-        loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature)
-        # prototypes follow the rectified labels of the EMA features (ProDA eq. 6)
-        self.prototypes.update(feats_w, to_feature_grid(hard, grid), self.ignore_index)
+        loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature, known)
+        # prototypes follow the rectified labels of the EMA features on the frames' own pixels
+        # (ProDA eq. 6); before any prototype exists these are the initial model's labels
+        own = hard.masked_fill(~valid_pixels(batch_u), self.ignore_index)
+        self.prototypes.update(feats_w, to_feature_grid(own, grid), self.ignore_index)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
                               rectified.max(1).values, rectified)
         total = f.loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_structure * loss_kl
@@ -434,9 +436,17 @@ class DistillRecipe(Recipe):
 
 def build_recipe(
     cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int, seed: int,
-    endpoint_url: str | None = None,
+    endpoint_url: str | None = None, class_weight: torch.Tensor | None = None,
 ) -> Recipe:
-    """The recipe ``cfg.name`` names (see ``RECIPES``)."""
+    """The recipe ``cfg.name`` names (see ``RECIPES``); ``class_weight`` ``C`` weighs the
+    classes of its labeled cross-entropy."""
+    recipe = _new_recipe(cfg, model, class_pixel_counts, ignore_index, seed, endpoint_url)
+    recipe.class_weight = class_weight
+    return recipe
+
+
+def _new_recipe(cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int,
+                seed: int, endpoint_url: str | None) -> Recipe:
     if cfg.name == "supervised":
         return SupervisedRecipe(model, cfg, ignore_index, seed)
     if cfg.name == "mean_teacher":

@@ -83,7 +83,8 @@ class ContrastiveTerm:
     reaches ``contrastive_threshold``; positive: the class mean in the memory bank;
     negatives: other classes' bank entries. With ``tail_sampling`` the anchors of a
     step are shared among classes by ``softmax(1 - class confidence)`` from a
-    :class:`ClassConfidenceBank` (EMA ``confidence_bank_alpha``).
+    :class:`ClassConfidenceBank` (EMA ``confidence_bank_alpha``) of the model's
+    probability of the ground-truth class on labeled pixels.
     """
 
     name = "loss_contrastive"
@@ -108,8 +109,9 @@ class ContrastiveTerm:
             labels.append(to_feature_grid(out.pseudo_u, grid))
             confidence.append(to_feature_grid(out.conf_u.float(), grid))
         emb, lab, conf = torch.cat(embeddings), torch.cat(labels), torch.cat(confidence)
-        probs = out.probs_u if out.probs_u is not None else out.logits_x.detach().float().softmax(1)
-        self.confidence.update(probs, probs.argmax(1))
+        # STAL's class-wise confidence: the model's probability of the true class on labeled
+        # pixels (pseudo labels would score a class by how sure the model is of its own guesses)
+        self.confidence.update(out.logits_x.detach().float().softmax(1), out.mask_x, self.ignore_index)
         per_class = None
         if self.cfg.tail_sampling:
             reliable = (conf >= self.cfg.contrastive_threshold) & (lab != self.ignore_index)

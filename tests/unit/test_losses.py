@@ -18,6 +18,7 @@ from segrl.losses import (
     discriminator_loss,
     get_loss,
     image_confidence_weight,
+    inverse_sqrt_frequency_weights,
     pixel_contrastive_loss,
     proda_rectified_pseudo_labels,
     prototype_soft_labels,
@@ -200,6 +201,34 @@ def test_rectified_labels_flip_when_prototypes_disagree():
     big = F.interpolate(initial, size=(2, 4), mode="nearest")
     soft_big, hard_big = proda_rectified_pseudo_labels(big, feats, PROTOS, temperature=1.0)
     assert soft_big.shape == (1, 3, 2, 4) and hard_big.shape == (1, 2, 4)
+
+
+def test_classes_without_a_prototype_take_no_share_of_the_prototype_softmax():
+    """Class 2 has no prototype yet (a zero row). It must not attract pixels by their
+    distance to the origin: pixel 0 sits at the origin, nearest the zero row."""
+    feats = _grid([0.0, 0.0], [4.0, 0.0])
+    known = torch.tensor([True, True, False])
+    soft = prototype_soft_labels(feats, PROTOS * torch.tensor([[1.0], [1.0], [0.0]]), 1.0, known)
+    assert soft[0, 2].abs().max().item() == 0.0
+    assert soft[0, :2, 0, 0] == pytest.approx((-torch.tensor([0.0, 4.0])).softmax(0).tolist(), abs=1e-5)
+    # rectification: the unknown class keeps a neutral weight 1/2, so the initial model's
+    # confident class 2 survives and can found its prototype
+    initial = torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 2)
+    _, hard = proda_rectified_pseudo_labels(initial, feats, PROTOS, 1.0, known)
+    assert hard.flatten().tolist() == [2, 2]
+    none = torch.zeros(3, dtype=torch.bool)
+    soft_none, hard_none = proda_rectified_pseudo_labels(initial, feats, PROTOS, 1.0, none)
+    assert torch.allclose(soft_none, initial) and hard_none.flatten().tolist() == [2, 2]
+    assert structure_consistency_kl(feats, feats + 1.0, PROTOS, 1.0, none).item() == 0.0
+    only = structure_consistency_kl(feats, feats + 1.0, PROTOS, 1.0, known)
+    assert only.item() == pytest.approx(structure_consistency_kl(feats, feats + 1.0, PROTOS[:2], 1.0).item())
+
+
+def test_inverse_sqrt_frequency_weights_known_values():
+    """Frequencies 0.9 / 0.1: weights in ratio sqrt(9) = 3, mean weight of a pixel 1."""
+    weights = inverse_sqrt_frequency_weights(torch.tensor([900, 100]))
+    assert weights.tolist() == pytest.approx([5 / 6, 5 / 2])
+    assert torch.isfinite(inverse_sqrt_frequency_weights(torch.tensor([10, 0]))).all()
 
 
 def test_structure_kl_zero_for_identical_views_and_positive_otherwise():
