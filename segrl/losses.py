@@ -434,12 +434,14 @@ def classifier_discrepancy_map(probs_a: torch.Tensor, probs_b: torch.Tensor) -> 
 def classifier_discrepancy(
     probs_a: torch.Tensor, probs_b: torch.Tensor, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """LabOR / MCD discrepancy: mean over pixels of :func:`classifier_discrepancy_map`.
+    """LabOR / MCD discrepancy: ``|p_a - p_b|`` averaged over classes and pixels (MCD).
 
     probs ``B x C x H x W``; valid ``B x H x W`` bool (True = counted), None = all.
-    The heads maximise it and the feature extractor minimises it.
+    The heads maximise it and the feature extractor minimises it. The class mean (not
+    the sum of :func:`classifier_discrepancy_map`) keeps MCD's scale for its weight: a
+    sum is C times larger and drives the heads apart on every pixel.
     """
-    dist = classifier_discrepancy_map(probs_a, probs_b)
+    dist = classifier_discrepancy_map(probs_a, probs_b) / probs_a.shape[1]
     if valid is None:
         return dist.mean()
     return (dist * valid).sum() / valid.sum().clamp(min=1)

@@ -163,13 +163,15 @@ class SupervisedRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         out, outputs = self._supervised(model, batch_x)
         if batch_u is not None:
-            outputs.feats_u = probe_features(model, batch_u["image"])
+            logits_u, outputs.feats_u = probe_forward(model, batch_u["image"])
+            outputs.pred_u = logits_u.argmax(1).masked_fill(~valid_pixels(batch_u), self.ignore_index)
         return out, outputs
 
 
 @torch.no_grad()
-def probe_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Features ``B x D x h x w`` of ``images`` from a forward that leaves the model as it was.
+def probe_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``B x C x H x W`` and features ``B x D x h x w`` of ``images`` from a forward
+    that leaves the model as it was.
 
     Eval mode: a train-mode forward would move BatchNorm's running statistics toward these
     images (a probe must not change the model it measures), and it gives the features that
@@ -182,10 +184,10 @@ def probe_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.random.fork_rng(devices=devices):
         bare.eval()
         try:
-            _, feats = bare(images, return_features=True)
+            logits, feats = bare(images, return_features=True)
         finally:
             bare.train(was_training)
-    return feats
+    return logits, feats
 
 
 class MeanTeacherRecipe(Recipe):

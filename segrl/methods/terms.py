@@ -45,6 +45,7 @@ class StepOutputs:
     pseudo_u: torch.Tensor | None = None
     conf_u: torch.Tensor | None = None
     probs_u: torch.Tensor | None = None
+    pred_u: torch.Tensor | None = None  # the model's own argmax on the unlabeled batch (a probe's)
 
 
 def all_reduce_gradients(module: nn.Module) -> None:
@@ -222,7 +223,12 @@ class LaborTerm:
         if out.feats_u is None:
             return zero
         self.selector.heads.to(out.feats_x.device)
-        stats = self.selector.step(out.feats_x.detach(), out.mask_x, out.feats_u.detach(), self.ignore_index)
+        # LabOR's L_pt: the heads also learn the model's pseudo labels on unlabeled pixels
+        pseudo = out.pseudo_u if out.pseudo_u is not None else out.pred_u
+        if pseudo is not None:
+            pseudo = to_feature_grid(pseudo, tuple(out.feats_u.shape[-2:]))
+        stats = self.selector.step(out.feats_x.detach(), out.mask_x, out.feats_u.detach(), self.ignore_index,
+                                   pseudo_unlabeled=pseudo)
         return zero.detach() + stats["discrepancy"]
 
     def after_step(self) -> None:

@@ -246,9 +246,12 @@ def test_classifier_discrepancy_known_values():
     a = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 2)
     b = torch.tensor([[0.5, 1.0], [0.5, 0.0]]).view(1, 2, 1, 2)
     assert classifier_discrepancy_map(a, b).flatten().tolist() == [1.0, 0.0]
-    assert classifier_discrepancy(a, b).item() == 0.5
+    # MCD's scale: the class mean of |p_a - p_b| (the map's sum over C = 2 classes, halved)
+    assert classifier_discrepancy(a, b).item() == 0.25
     valid = torch.tensor([[[True, False]]])
-    assert classifier_discrepancy(a, b, valid).item() == 1.0
+    assert classifier_discrepancy(a, b, valid).item() == 0.5
+    many = torch.eye(19).view(1, 19, 19, 1)  # one-hot heads that disagree everywhere
+    assert classifier_discrepancy(many, many.roll(1, 1)).item() == pytest.approx(2 / 19)
 
 
 # ---- AdaptSegNet ---------------------------------------------------------------------------
