@@ -141,8 +141,18 @@ class TrainConfig:
     keep_checkpoints: int = 3
     snapshots: int = 0  # K model-only snapshots at evenly spaced steps (ST++ stability); 0 = none
     class_weighting: str = "none"  # none | inverse_sqrt_frequency
+    # labeled_pixels: where the labeled set knows each image's labeled pixels (the loop's),
+    # draw images in proportion to them, an epoch being the labels in whole images; images:
+    # every image once per epoch whatever share of it is labeled.
+    sampling: str = "labeled_pixels"
     log_every_steps: int = 20
     seed: int = 0
+    # Continuing another run (the loop's al.retrain=continue): its checkpoint.pt gives the
+    # model, optimiser, recipe state and schedule position; "" = start afresh.
+    resume_from: str = ""
+    # The [start, end) share of one learning-rate schedule this run covers, so that runs
+    # continuing each other follow one schedule; [0, 1] = a whole schedule of its own.
+    schedule_span: tuple[float, ...] = (0.0, 1.0)
 
     def validate(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
@@ -159,7 +169,10 @@ class TrainConfig:
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("train.snapshots", self.snapshots, 0)
         _one_of("train.class_weighting", self.class_weighting, ("none", "inverse_sqrt_frequency"))
+        _one_of("train.sampling", self.sampling, ("labeled_pixels", "images"))
         _at_least("train.log_every_steps", self.log_every_steps, 1)
+        if len(self.schedule_span) != 2 or not 0 <= self.schedule_span[0] < self.schedule_span[1] <= 1:
+            _fail("train.schedule_span", list(self.schedule_span), "must be [start, end] with 0 <= start < end <= 1")
 
 
 METHODS = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill", "st", "st_pp")
@@ -241,6 +254,7 @@ class MethodConfig:
             _fail("method.reliable_ratio", self.reliable_ratio, "must be in (0, 1]")
 
 
+RETRAIN_MODES = ("from_scratch", "continue")
 ACQUISITIONS = ("random", "entropy", "stability", "region_entropy", "region_impurity", "labor_spl", "labor_ppl")
 
 
@@ -260,7 +274,14 @@ class ALConfig:
     points_per_image: int = 10  # labor_ppl: clicks per selected image
     class_balance: bool = False  # image selection interleaved over rarest predicted classes
     labeling: str = "oracle"  # oracle (ground truth of the pool) | external (manifest + import)
-    warm_start: bool = True  # each round starts from the previous round's model (STAL)
+    # from_scratch: each round trains from model.weights with a whole schedule (the usual AL
+    # benchmark protocol: a round's model and scores do not depend on earlier rounds' training);
+    # continue: each round resumes the last round's model, optimiser and recipe state, and the
+    # rounds share one learning-rate schedule (STAL's incremental retraining).
+    retrain: str = "from_scratch"  # from_scratch | continue
+    # Round r trains train.steps x (its labeled pixels / round 0's), so later labels get as
+    # many steps as the first ones (a fixed count shares them among ever more labels).
+    scale_steps: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -282,6 +303,7 @@ class ALConfig:
         _at_least("al.regions_top_r", self.regions_top_r, 1)
         _at_least("al.points_per_image", self.points_per_image, 1)
         _one_of("al.labeling", self.labeling, ("oracle", "external"))
+        _one_of("al.retrain", self.retrain, RETRAIN_MODES)
 
 
 @dataclass(frozen=True)
@@ -626,6 +648,7 @@ def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
             "data.unlabeled_pool": absolute(cfg.data.unlabeled_pool),
             "data.pseudo_manifest": absolute(cfg.data.pseudo_manifest),
             "model.weights": absolute(cfg.model.weights),
+            "train.resume_from": absolute(cfg.train.resume_from),
             "method.teacher_weights": absolute(cfg.method.teacher_weights),
             "store.root": absolute(cfg.store.root),
         },

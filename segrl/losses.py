@@ -54,16 +54,39 @@ def cross_entropy(
     target: torch.Tensor,
     ignore_index: int = 255,
     class_weight: torch.Tensor | None = None,
+    image_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pixel cross-entropy averaged over labeled pixels.
 
+    ``image_weight`` ``B`` weighs every pixel of image b by ``image_weight[b]`` in the
+    (weighted) mean, e.g. importance weights of images drawn by their labeled pixels.
     A batch whose pixels are all ignored gives 0 with a gradient path (not NaN), which
     happens with sparse labels and with heavy crops of mostly-void frames.
     """
-    labeled = (target != ignore_index).sum()
-    if labeled == 0:
+    labeled = target != ignore_index
+    if labeled.sum() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index)
+    if class_weight is not None:
+        class_weight = class_weight.to(device=logits.device, dtype=torch.float32)
+    if image_weight is None:
+        return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index,
+                                reduction="none")
+    weight = image_weight.to(per_pixel).view(-1, 1, 1) * labeled
+    if class_weight is not None:  # as F.cross_entropy's mean: divided by the class weights too
+        weight = weight * class_weight.to(per_pixel)[target.clamp(max=len(class_weight) - 1)]
+    return (per_pixel * image_weight.to(per_pixel).view(-1, 1, 1)).sum() / weight.sum().clamp(min=1e-12)
+
+
+def inverse_sqrt_frequency_weights(class_pixel_counts: torch.Tensor) -> torch.Tensor:
+    """Class weights ``C`` for :func:`cross_entropy`: ``w_c ~ f_c^-1/2`` for the labeled
+    pixel frequencies ``f_c``, scaled so the mean weight of a labeled pixel is 1 (the loss
+    keeps its scale). A class with no labeled pixel counts as one pixel: it never is a
+    target, and the weight stays finite."""
+    counts = class_pixel_counts.double().clamp(min=1)
+    freq = counts / counts.sum()
+    weights = freq.rsqrt()
+    return (weights / (freq * weights).sum()).float()
 
 
 # --------------------------------------------------------------------------------------
@@ -304,18 +327,29 @@ def tail_anchor_counts(class_probs: torch.Tensor, present: torch.Tensor, per_cla
 # structure learning.
 
 
+def _prototype_logits(features_flat: torch.Tensor, prototypes: torch.Tensor, temperature: float,
+                      known: torch.Tensor | None) -> torch.Tensor:
+    """``B x N x C`` logits ``-||f - proto_c|| / T``; classes without a prototype (``known``
+    False) get -inf: a zero row is no prototype, only a distance to the origin."""
+    protos = prototypes.float().to(features_flat.device).unsqueeze(0).expand(features_flat.shape[0], -1, -1)
+    logits = -torch.cdist(features_flat, protos) / temperature
+    if known is not None:
+        logits = logits.masked_fill(~known.to(logits.device).view(1, 1, -1), float("-inf"))
+    return logits
+
+
 def prototype_soft_labels(
-    features: torch.Tensor, prototypes: torch.Tensor, temperature: float
+    features: torch.Tensor, prototypes: torch.Tensor, temperature: float, known: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Soft assignment of each pixel feature to the class prototypes (ProDA eq. 4).
 
     features ``B x D x h x w``, prototypes ``C x D`` -> ``B x C x h x w``:
-    ``softmax_c(-||f - proto_c||_2 / temperature)``.
+    ``softmax_c(-||f - proto_c||_2 / temperature)`` over the ``known`` classes (``C``
+    bool, None = all; at least one); the others get 0.
     """
     b, d, h, w = features.shape
     flat = features.float().permute(0, 2, 3, 1).reshape(b, h * w, d)
-    dist = torch.cdist(flat, prototypes.float().to(flat.device).unsqueeze(0).expand(b, -1, -1))
-    logits = (-dist / temperature).view(b, h, w, -1).permute(0, 3, 1, 2)
+    logits = _prototype_logits(flat, prototypes, temperature, known).view(b, h, w, -1).permute(0, 3, 1, 2)
     return logits.softmax(dim=1)
 
 
@@ -324,6 +358,7 @@ def proda_rectified_pseudo_labels(
     features: torch.Tensor,
     prototypes: torch.Tensor,
     temperature: float,
+    known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ProDA online pseudo-label rectification (ProDA eq. 3-5).
 
@@ -332,10 +367,18 @@ def proda_rectified_pseudo_labels(
     (:func:`prototype_soft_labels`) are upsampled bilinearly to ``H x W`` when the
     grids differ. Returns ``(rectified, hard)``: ``rectified`` ``B x C x H x W`` is
     ``initial_soft * weights`` renormalised over classes, ``hard`` ``B x H x W`` its
-    argmax. No gradient flows: these are targets.
+    argmax. A class without a prototype (``known`` ``C`` bool False) gets the neutral
+    weight ``1 / (known classes)``: its pseudo labels rest on ``initial_soft`` alone,
+    and can still appear (and so found its prototype). No gradient flows: these are targets.
     """
     with torch.no_grad():
-        weights = prototype_soft_labels(features, prototypes, temperature)
+        if known is not None and not known.any():
+            weights = torch.ones_like(initial_soft.float())
+        else:
+            weights = prototype_soft_labels(features, prototypes, temperature, known)
+            if known is not None:
+                unknown = ~known.to(weights.device)
+                weights[:, unknown] = 1.0 / int(known.sum())
         if weights.shape[-2:] != initial_soft.shape[-2:]:
             weights = F.interpolate(
                 weights, size=initial_soft.shape[-2:], mode="bilinear", align_corners=False
@@ -352,19 +395,24 @@ def structure_consistency_kl(
     features_u_s: torch.Tensor,
     prototypes: torch.Tensor,
     temperature: float,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ProDA target structure learning: ``KL(z_u_w || z_u_s)`` per pixel, averaged.
 
     features ``B x D x h x w`` of the weak view (EMA teacher; a detached target) and of
     the strong view (student); ``z`` is the soft prototype assignment of
-    :func:`prototype_soft_labels`. Zero when both views embed alike.
+    :func:`prototype_soft_labels` over the ``known`` classes (``C`` bool, None = all).
+    Zero when both views embed alike, and with no prototype yet.
     """
+    if known is not None:
+        if not known.any():
+            return features_u_s.sum() * 0.0
+        prototypes, known = prototypes[known.to(prototypes.device)], None
     b, d, h, w = features_u_s.shape
     flat_w = features_u_w.detach().float().permute(0, 2, 3, 1).reshape(b, h * w, d)
     flat_s = features_u_s.float().permute(0, 2, 3, 1).reshape(b, h * w, d)
-    protos = prototypes.detach().float().to(flat_s.device).unsqueeze(0).expand(b, -1, -1)
-    log_z_w = (-torch.cdist(flat_w, protos) / temperature).log_softmax(dim=-1)
-    log_z_s = (-torch.cdist(flat_s, protos) / temperature).log_softmax(dim=-1)
+    log_z_w = _prototype_logits(flat_w, prototypes.detach(), temperature, known).log_softmax(dim=-1)
+    log_z_s = _prototype_logits(flat_s, prototypes.detach(), temperature, known).log_softmax(dim=-1)
     # written out (not F.kl_div) so identical views give exactly 0
     return (log_z_w.exp() * (log_z_w - log_z_s)).sum(dim=-1).mean()
 
@@ -386,12 +434,14 @@ def classifier_discrepancy_map(probs_a: torch.Tensor, probs_b: torch.Tensor) -> 
 def classifier_discrepancy(
     probs_a: torch.Tensor, probs_b: torch.Tensor, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """LabOR / MCD discrepancy: mean over pixels of :func:`classifier_discrepancy_map`.
+    """LabOR / MCD discrepancy: ``|p_a - p_b|`` averaged over classes and pixels (MCD).
 
     probs ``B x C x H x W``; valid ``B x H x W`` bool (True = counted), None = all.
-    The heads maximise it and the feature extractor minimises it.
+    The heads maximise it and the feature extractor minimises it. The class mean (not
+    the sum of :func:`classifier_discrepancy_map`) keeps MCD's scale for its weight: a
+    sum is C times larger and drives the heads apart on every pixel.
     """
-    dist = classifier_discrepancy_map(probs_a, probs_b)
+    dist = classifier_discrepancy_map(probs_a, probs_b) / probs_a.shape[1]
     if valid is None:
         return dist.mean()
     return (dist * valid).sum() / valid.sum().clamp(min=1)

@@ -6,8 +6,9 @@ throughput benchmark run them in a plain process.
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from segrl.config import TrainConfig
+from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN, read_bytes
 from segrl.metrics import all_reduce_confusion, confusion_matrix
 
 # Run layout: <run>/train/ckpt_<step>/checkpoint.pt
@@ -32,7 +34,9 @@ class ShardSampler(Sampler[int]):
     Rank ``r`` of ``world`` takes every ``world``-th index of the epoch's permutation,
     padded so every rank gets the same count (DDP needs equal step counts). Starting
     at ``start`` batches in lets a restored run continue exactly where its checkpoint
-    left off without decoding the skipped images.
+    left off without decoding the skipped images. With ``weights``, each pass is instead
+    ``draws`` indices drawn with replacement in proportion to them (``WeightedRandomSampler``
+    seeded by seed, epoch and pass), e.g. images by their labeled pixels.
     """
 
     def __init__(
@@ -44,10 +48,14 @@ class ShardSampler(Sampler[int]):
         shuffle: bool = True,
         pad: bool = True,
         repeats: int = 1,
+        weights: Sequence[float] | None = None,
+        draws: int | None = None,
     ) -> None:
         self.size, self.rank, self.world = size, rank, world
         self.seed, self.shuffle, self.pad = seed, shuffle, pad
         self.repeats = repeats  # passes over the data per epoch (over-sampling a small set)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.draws = size if draws is None else draws  # indices per pass when drawn by weight
         self.epoch = 0
         self.start = 0
 
@@ -55,7 +63,9 @@ class ShardSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def indices(self) -> list[int]:
-        if self.shuffle:
+        if self.weights is not None:
+            passes = [self._weighted_pass(k) for k in range(self.repeats)]
+        elif self.shuffle:
             passes = [np.random.default_rng([self.seed, self.epoch, k]).permutation(self.size) if k else
                       np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
                       for k in range(self.repeats)]
@@ -67,11 +77,51 @@ class ShardSampler(Sampler[int]):
             order = np.resize(order, per_rank * self.world)
         return order[self.rank :: self.world].tolist()
 
+    def _weighted_pass(self, k: int) -> np.ndarray:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
+        drawn = WeightedRandomSampler(self.weights, self.draws, replacement=True,
+                                      generator=torch.Generator().manual_seed(seed))
+        return np.fromiter(drawn, dtype=np.int64, count=self.draws)
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start)
+
+
+def labeled_sampler(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, batch_size: int) -> ShardSampler:
+    """The sampler of the labeled set: with ``train.sampling=labeled_pixels`` and a set that
+    knows each image's labeled pixels (the loop's manifests), images are drawn in
+    proportion to them and an epoch is as many draws as the labels fill whole images.
+
+    Sparse labels (hundreds of images with a region each) would otherwise get one draw per
+    image whatever it holds: most steps would carry few labels, and a fixed epoch count
+    would not grow with the labels. The loss divides each image's pixels by its labeled
+    pixels (``label_weights``), so every labeled pixel keeps the same expected weight.
+    Equal counts (dense labels) keep the plain per-epoch permutation.
+    """
+    counts = label_counts(dataset) if cfg.sampling == "labeled_pixels" else None
+    if counts is None or bool((counts[0] == counts[0][0]).all()):
+        return ShardSampler(len(dataset), rank, world, seed=cfg.seed)
+    labeled, pixels = counts
+    draws = max(math.ceil(labeled.sum() / pixels.mean()), batch_size * world)
+    return ShardSampler(len(dataset), rank, world, seed=cfg.seed, weights=labeled.tolist(), draws=draws)
+
+
+def label_counts(dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labeled and all pixels per image (``N`` each), where a manifest carries them."""
+    columns = getattr(dataset, "metadata_columns", ())
+    if LABELED_PIXELS_COLUMN not in columns or IMAGE_PIXELS_COLUMN not in columns:
+        return None
+    labeled = np.asarray(dataset.metadata(LABELED_PIXELS_COLUMN), dtype=np.float64)
+    return labeled, np.asarray(dataset.metadata(IMAGE_PIXELS_COLUMN), dtype=np.float64)
+
+
+def label_weights(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` drawn by labeled pixels, with ``label_weight`` ``B``: 1 / labeled pixels of
+    each image, the importance weight that undoes the draw's preference for dense images."""
+    return dict(batch, label_weight=1.0 / batch[LABELED_PIXELS_COLUMN].double().clamp(min=1))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -112,8 +162,14 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` over this run's ``total_steps``, or over its ``cfg.schedule_span`` share
+    of one longer schedule: runs that continue each other (the loop's rounds with
+    ``al.retrain=continue``) then follow one schedule instead of each going back to the peak."""
+    start, end = cfg.schedule_span
+    whole = max(round(total_steps / (end - start)), 1)  # steps of the whole schedule at this run's pace
+    offset = round(start * whole)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+        optimizer, lambda step: lr_factor(offset + step, whole, cfg)
     )
 
 
@@ -229,8 +285,13 @@ def save_training_state(
     config: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     recipe_state: dict[str, Any] | None = None,
+    offsets: dict[str, int] | None = None,
 ) -> Path:
-    """Write model, optimiser, schedule, position, config and recipe state into ``directory``."""
+    """Write model, optimiser, schedule, position, config and recipe state into ``directory``.
+
+    ``offsets`` (``step``, ``epoch``) place this run inside a chain of runs that continue
+    each other (``train.resume_from``): the recipe's clocks (EMA warm-up, cold start) run on.
+    """
     path = Path(directory) / CHECKPOINT_FILE
     state = {
         "model": unwrap(model).state_dict(),
@@ -241,6 +302,7 @@ def save_training_state(
         "config": config,
         "metrics": metrics or {},
         "recipe": recipe_state or {},
+        "offsets": offsets or {"step": 0, "epoch": 0},
     }
     torch.save(state, path)
     return path
@@ -250,6 +312,27 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_training_state`` (tensors and plain data only)."""
     path = Path(directory) / CHECKPOINT_FILE
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_training_state(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """A ``checkpoint.pt`` written by ``save_training_state``, local or ``s3://``."""
+    return torch.load(io.BytesIO(read_bytes(uri, endpoint_url)), map_location="cpu", weights_only=True)
+
+
+def continue_from(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  recipe: Any) -> dict[str, int]:
+    """Start a run where another one ended (``train.resume_from``): its model, optimiser
+    moments and recipe state (teacher, banks, heads); returns this run's offsets.
+
+    Load the optimiser before building the scheduler: the scheduler then keeps the saved
+    base learning rates and sets the rate of this run's first step itself.
+    """
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("recipe"):
+        recipe.load_state_dict(state["recipe"])
+    offsets = state.get("offsets", {"step": 0, "epoch": 0})
+    return {"step": offsets["step"] + state["step"], "epoch": offsets["epoch"] + state["epoch"]}
 
 
 def make_loader(

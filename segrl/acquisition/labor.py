@@ -2,7 +2,8 @@
 Adaptive Semantic Segmentation", ICCV 2021), from the two-head disagreement of
 :class:`segrl.methods.labor.LaborSelector`.
 
-* SPL, Segment-based Pixel Labeling: label the pixels where the heads disagree.
+* SPL, Segment-based Pixel Labeling: label the pixels where the heads disagree, in every
+  image of the pool, the masks shrunk together to the budget (:func:`spl_image_budgets`).
 * PPL, Point-based Pixel Labeling: one click per predicted class, at the uncertain pixel
   nearest its class prototype, the most representative pixel of that class's ambiguity.
 
@@ -166,6 +167,24 @@ def select_spl_images(
     counts = _counts(disagree_pixels, ids.size, "disagree_pixels")
     some = counts > 0
     return select_images(ids[some], counts[some], counts[some], budget_pixels, exclude)
+
+
+def spl_image_budgets(
+    disagree_pixels: Sequence | np.ndarray, pixel_scale: Sequence | np.ndarray, budget_pixels: int
+) -> np.ndarray:
+    """SPL over the whole pool (LabOR): every image gets its disagreement mask, all masks
+    shrunk by one factor when together they exceed the budget.
+
+    disagree_pixels (N,) each image's mask size on the scoring grid, pixel_scale (N,)
+    original pixels per scoring pixel. Returns (N,) int64 pixel caps, in original pixels:
+    ``floor(mask x scale x min(1, budget / total))``. Whole masks of the few most
+    disagreeing images would instead spend the budget on a handful of images.
+    """
+    counts = _counts(disagree_pixels, len(pixel_scale), "disagree_pixels").astype(np.float64)
+    whole = counts * _numpy(pixel_scale).astype(np.float64)
+    total = whole.sum()
+    factor = 1.0 if total <= budget_pixels else budget_pixels / total
+    return np.floor(whole * factor).astype(np.int64)
 
 
 def select_ppl_images(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from segrl.config import DataConfig
+from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN, open_manifest
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, endpoint_url: str = "") -> Dataset:
@@ -182,7 +183,8 @@ def build_training_sets(cfg: DataConfig, seed: int, endpoint_url: str = "") -> T
         from segrl.data.datasets import ManifestDataset
 
         sets.labeled = ManifestDataset(cfg.labeled_manifest, transform=train.transform,
-                                       endpoint_url=endpoint_url or None, classes=tuple(train.classes))
+                                       endpoint_url=endpoint_url or None, classes=tuple(train.classes),
+                                       metadata_columns=_label_count_columns(cfg.labeled_manifest, endpoint_url))
     else:
         labeled, unlabeled, ids = split_labeled(cfg, train, seed, endpoint_url)
         sets.labeled, sets.unlabeled = labeled, unlabeled
@@ -201,6 +203,13 @@ def build_training_sets(cfg: DataConfig, seed: int, endpoint_url: str = "") -> T
     if len(sets.labeled) == 0:
         raise DataError(f"no labeled training images in {cfg.dataset} at {cfg.root!r}")
     return sets
+
+
+def _label_count_columns(uri: str, endpoint_url: str) -> tuple[str, ...]:
+    """The labeled/all pixel count columns of a sparse-label manifest, when it has both."""
+    columns = (LABELED_PIXELS_COLUMN, IMAGE_PIXELS_COLUMN)
+    names = set(open_manifest(uri, endpoint_url or None).schema.names)
+    return columns if names.issuperset(columns) else ()
 
 
 def _split_domains(cfg: DataConfig, train: Dataset, seed: int, endpoint_url: str, sets: TrainingSets) -> None:

@@ -307,6 +307,10 @@ class ManifestDataset(Dataset):
             return self._ids[i].as_py()
         return os.path.splitext(posix_basename(self._images[i].as_py()))[0]
 
+    def metadata(self, name: str) -> list:
+        """The values of metadata column ``name``, one per row."""
+        return self._metadata[name].to_pylist()
+
     def image_uri(self, i: int) -> str:
         """Resolved image URI of row i."""
         return resolve_uri(self._base, self._images[i].as_py())

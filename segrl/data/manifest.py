@@ -29,6 +29,10 @@ from segrl.data.labels import DataError
 ID_COLUMN = "id"
 IMAGE_COLUMN = "image_uri"
 LABEL_COLUMN = "label_uri"
+# Optional columns of a sparse-label manifest (the loop's labeled set): labeled pixels and all
+# pixels of each image, so training can draw images by their labels without decoding them.
+LABELED_PIXELS_COLUMN = "labeled_pixels"
+IMAGE_PIXELS_COLUMN = "image_pixels"
 CLASSES_KEY = b"segrl.classes"
 
 

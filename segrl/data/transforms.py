@@ -42,6 +42,9 @@ def to_raw_sample(image: np.ndarray, mask: np.ndarray, sample_id: str) -> Sample
     return {
         "image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()),
         "mask": tv_tensors.Mask(torch.from_numpy(mask)),
+        # 1 on the frame's own pixels; the crop pads it with ignore like the mask, so an
+        # unlabeled image (mask all ignore) still tells its padding from its content
+        "valid": tv_tensors.Mask(torch.ones(mask.shape[:2], dtype=torch.uint8)),
         "id": sample_id,
     }
 
@@ -79,7 +82,8 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 
 
 class ToTensors:
-    """Raw sample -> final sample: image float32 normalized 3xHxW, mask int64 HxW."""
+    """Raw sample -> final sample: image float32 normalized 3xHxW, mask int64 HxW, and
+    valid bool HxW (False on crop padding) where the raw sample has it."""
 
     def __call__(self, sample: Sample) -> Sample:
         image = sample["image"].as_subclass(torch.Tensor)
@@ -88,6 +92,8 @@ class ToTensors:
         out = dict(sample)
         out["image"] = normalize(image.to(torch.float32)).contiguous()
         out["mask"] = sample["mask"].as_subclass(torch.Tensor).to(torch.int64).contiguous()
+        if "valid" in sample:
+            out["valid"] = (sample["valid"].as_subclass(torch.Tensor) == 1).contiguous()
         return out
 
     def __repr__(self) -> str:

@@ -200,6 +200,8 @@ def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
             raise ConfigError(f"the {name} set of {cfg.data.dataset} at {cfg.data.root!r} is empty")
         dataset[0]
     build_model(cfg.model.arch, len(sets.classes), weights=cfg.model.weights or None, endpoint_url=endpoint)
+    if cfg.train.resume_from:  # its model entry must fit the model, like a weights file
+        build_model(cfg.model.arch, len(sets.classes), weights=cfg.train.resume_from, endpoint_url=endpoint)
     if cfg.method.teacher_weights:
         build_model(cfg.model.arch, len(sets.classes), weights=cfg.method.teacher_weights, endpoint_url=endpoint)
     recorded = {}
@@ -228,6 +230,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from segrl.data.build import build_training_sets
+    from segrl.losses import inverse_sqrt_frequency_weights
     from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
     from segrl.models import build_model
@@ -237,10 +240,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         amp_settings,
         build_optimizer,
         build_scheduler,
+        continue_from,
         cycle_batches,
         evaluate_confusion,
+        label_weights,
+        labeled_sampler,
         load_training_state,
         make_loader,
+        read_training_state,
         recipe_step,
         unwrap,
     )
@@ -260,14 +267,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     classes = sets.classes
     ignore = sets.labeled.ignore_index
     n_source, n_target, n_unlabeled = batch_sizes(tcfg.batch_size, cfg.data.batch_ratio)
-    train_sampler = ShardSampler(len(sets.labeled), rank, world, seed=tcfg.seed)
+    train_sampler = labeled_sampler(sets.labeled, tcfg, rank, world, n_source)
     # Padding would count duplicated val images twice; unequal shards are fine for eval.
     val_sampler = ShardSampler(len(sets.val), rank, world, shuffle=False, pad=False)
     steps_per_epoch = len(train_sampler) // n_source
     if steps_per_epoch == 0:
         raise ConfigError(
             f"config field 'train.batch_size' = {tcfg.batch_size} is larger than the "
-            f"{len(train_sampler)} labeled training images each of {world} workers gets"
+            f"{len(train_sampler)} labeled training images (or draws) each of {world} workers gets"
         )
     if tcfg.steps:
         # A small labeled set would make thousands of tiny epochs (an eval and a checkpoint
@@ -279,13 +286,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
     model = ray.train.torch.prepare_model(model)
-    recipe = build_recipe(cfg.method, model, _class_counts(cfg, sets.labeled), ignore, tcfg.seed + rank,
-                          endpoint or None)
+    counts = _class_counts(cfg, sets.labeled)
+    class_weight = inverse_sqrt_frequency_weights(counts) if tcfg.class_weighting == "inverse_sqrt_frequency" else None
+    recipe = build_recipe(cfg.method, model, counts, ignore, tcfg.seed + rank, endpoint or None, class_weight)
     extra = torch.nn.ModuleList(recipe.trainable_modules()).to(device)
     for term in recipe.terms:
         term.synced.to(device)
     recipe.broadcast()
     optimizer = build_optimizer(torch.nn.ModuleList([model, extra]), tcfg)
+    restored = ray.train.get_checkpoint()
+    offsets = {"step": 0, "epoch": 0}  # where this run sits in a chain of runs (train.resume_from)
+    if restored is None and tcfg.resume_from:
+        offsets = continue_from(read_training_state(tcfg.resume_from, endpoint or None), model, optimizer, recipe)
     scheduler = build_scheduler(optimizer, total_steps, tcfg)
     amp_dtype, scaler = amp_settings(device, tcfg.amp)
     ctx = StepContext(model, optimizer, scheduler, device, ignore, amp_dtype, scaler, extra)
@@ -307,7 +319,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     snapshots = run_store(cfg).child(SNAPSHOT_DIR) if rank == 0 and snapshot_steps else None
 
     step, history, start_step = 0, [], 0
-    restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
             state = load_training_state(directory)
@@ -317,6 +328,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if state.get("recipe"):
             recipe.load_state_dict(state["recipe"])
         step = start_step = state["step"]
+        offsets = state.get("offsets", offsets)
         history = list(state["metrics"].get("history", []))
         if rank == 0:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
@@ -330,7 +342,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
                                     dict(metrics, history=history, classes=list(classes)),
-                                    recipe.state_dict())
+                                    recipe.state_dict(), offsets)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -343,11 +355,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for batch in loader:
+            if train_sampler.weights is not None:
+                batch = label_weights(batch)
             batch_u = next(unlabeled_batches) if unlabeled_batches is not None else None
             if target_batches is not None:
                 batch = concat_batches(batch, next(target_batches))
-            losses = recipe_step(ctx, recipe, batch, batch_u, epoch)
-            recipe.after_step(model, step)
+            # the recipe's clocks (cold start, EMA warm-up) run on across continued runs
+            losses = recipe_step(ctx, recipe, batch, batch_u, offsets["epoch"] + epoch)
+            recipe.after_step(model, offsets["step"] + step)
             for name, value in losses.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value
             loss_sum += losses["loss"]
@@ -437,8 +452,9 @@ def save_snapshot(store: ArtifactStore, model: torch.nn.Module, step: int, confi
 
 
 def _class_counts(cfg: ExperimentConfig, labeled: Any) -> torch.Tensor | None:
-    """Labeled pixels per class, for Balanced ClassMix's tail bias (one pass over the masks)."""
-    if not cfg.method.classmix:
+    """Labeled pixels per class, for Balanced ClassMix's tail bias and ``train.class_weighting``
+    (one pass over the masks), or None when neither is on."""
+    if not cfg.method.classmix and cfg.train.class_weighting == "none":
         return None
     counts = torch.zeros(len(labeled.classes), dtype=torch.int64)
     for i in range(len(labeled)):

@@ -1,10 +1,11 @@
 """LabOR selection for the images a round picks: segment masks (SPL) or points (PPL).
 
 Scoring gives every pool image its count of pixels where the two heads disagree
-(``disagree_pixels``); the images are chosen from those counts under the budget
-(``select_spl_images`` / ``select_ppl_images``). Only for the chosen few does the
-driver run the model again, at the scoring resolution, to get the masks and points,
-which are then mapped to original pixels: the nearest-neighbour rule that training's
+(``disagree_pixels``); SPL gives every such image its mask, all shrunk together to the
+budget (``spl_image_budgets``), PPL chooses images under the click budget
+(``select_ppl_images``). Only for those images does the driver run the model again,
+at the scoring resolution, to get the masks and points (for SPL: every image with
+disagreement, as the paper labels the whole pool), which are then mapped to original pixels: the nearest-neighbour rule that training's
 resize uses, so a requested pixel is one the training grid keeps.
 """
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from segrl.acquisition.labor import ppl_points, select_ppl_images, spl_pixels
+from segrl.acquisition.labor import ppl_points, select_ppl_images, spl_image_budgets, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
 from segrl.labeling import encode_label_png
 from segrl.storage import ArtifactStore
@@ -52,10 +53,16 @@ def labor_rows(
     ids = scores.column("id").to_pylist()
     counts = np.asarray(scores.column("disagree_pixels").to_pylist(), dtype=np.int64)
     full = {i for i in ids if labeled_pixels.get(i, 0) >= info[i][1] * info[i][2]}
+    caps: dict[str, int] = {}
     if al.acquisition == "labor_spl":
-        # most disagreement first; the last image's mask is cut to what is left of the budget
+        # every image with disagreement gets its mask, all shrunk together to the budget
         chosen = [ids[k] for k in np.lexsort((np.asarray(ids, dtype=object).astype(str), -counts))
                   if counts[k] > 0 and ids[k] not in full]
+        scale = [info[i][1] * info[i][2] / (image_size[0] * image_size[1]) for i in chosen]
+        count_of = dict(zip(ids, counts.tolist(), strict=True))
+        caps = dict(zip(chosen, spl_image_budgets([count_of[i] for i in chosen], scale, budget).tolist(),
+                        strict=True))
+        chosen = [i for i in chosen if caps[i] > 0]
     else:
         chosen = select_ppl_images(ids, counts, al.points_per_image, budget, exclude=full)
     if not chosen:
@@ -71,7 +78,7 @@ def labor_rows(
                                image_size, endpoint)
         for k, image_id in enumerate(part):
             row = _request(al, scorer, frames["image"][k : k + 1], image_id, info[image_id], image_size,
-                           labeled_mask, remaining, store, masks_prefix)
+                           labeled_mask, min(remaining, caps.get(image_id, remaining)), store, masks_prefix)
             if row is None:
                 continue
             rows.append(row)

@@ -2,9 +2,9 @@
 
 Round 0 selects the initial labeled images (random, or ``al.initial_ids``); round r > 0
 selects from round r-1's scores under the round's budget. Every round trains a model
-(Ray Train, any recipe; warm-started from the previous round's with ``al.warm_start``,
-as STAL's incremental retraining) and scores the pool with it (Ray Data), except that
-the last round only trains. Layout under ``<store.root>/<run>/``::
+(Ray Train, any recipe; from scratch, or with ``al.retrain=continue`` resuming the
+previous round's model, optimiser and schedule, as STAL's incremental retraining) and
+scores the pool with it (Ray Data), except that the last round only trains. Layout under ``<store.root>/<run>/``::
 
     config.yaml                 the resolved config
     state.json                  steps done, the step log, status (written atomically after each step)
@@ -34,9 +34,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
 from segrl.console import say
+from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
 from segrl.labeling import (
     MARKER_NAME,
@@ -58,6 +60,7 @@ from segrl.loop.select import (
     select_region_rows,
     select_whole_images,
 )
+from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
 STATE_FILE = "state.json"
 POOL_FILE = "pool.parquet"
@@ -332,9 +335,11 @@ class ActiveLearningLoop:
             raise ConfigError("config field 'data.batch_ratio' = "
                               f"{list(self.cfg.data.batch_ratio)} gives the target frames the loop labels no "
                               "share of a batch: set its second entry > 0, e.g. [1, 1, 1]")
+        pixels = pc.multiply(index.column("height"), index.column("width"))
         labeled = pa.table({"id": index.column("id"), "image_uri": index.column("image_uri"),
                             "label_uri": pa.array([self.store.uri(f"labels/{i}.png")
-                                                   for i in index.column("id").to_pylist()])})
+                                                   for i in index.column("id").to_pylist()]),
+                            LABELED_PIXELS_COLUMN: index.column("labeled_pixels"), IMAGE_PIXELS_COLUMN: pixels})
         manifest = f"{round_dir(r)}/labeled.parquet"
         self.store.write_table(manifest, labeled)
         method = self.cfg.method
@@ -351,12 +356,39 @@ class ActiveLearningLoop:
             changes["train.batch_size"] = per_worker
         if method.name in ("st", "st_pp"):
             changes["method.name"] = "supervised"  # multi-stage ST is not a per-round recipe
-        if self.al.warm_start and r > 0:
-            previous = sorted(self.store.list(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}"))[-1].rsplit("/", 1)[-1]
-            changes["model.weights"] = self.store.uri(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}/{previous}/checkpoint.pt")
+        changes.update(self._retrain_changes(r))
+        steps = self._round_steps(int(pc.sum(index.column("labeled_pixels")).as_py() or 0))
+        if steps:
+            changes["train.steps"] = steps
         summary = train(replace(self.cfg, **changes))
         metrics = summary.metrics
         return {"val_miou": metrics.get("val_miou"), "steps": metrics.get("step")}
+
+    def _round_steps(self, labeled_pixels: int) -> int:
+        """``train.steps`` of a round: with ``al.scale_steps``, scaled by the labels it has
+        against round 0's, so a label of a later round gets as many steps as round 0's did
+        (a fixed count would share them among ever more labels). 0 = leave as configured."""
+        steps = self.cfg.train.steps
+        if not (self.al.scale_steps and steps):
+            return 0
+        first = self.state.setdefault("first_labeled_pixels", labeled_pixels)
+        return max(steps, round(steps * labeled_pixels / max(first, 1)))
+
+    def _retrain_changes(self, r: int) -> dict[str, Any]:
+        """``al.retrain``: from_scratch trains every round from ``model.weights`` with a whole
+        schedule; continue gives round r the [r, r+1) / (rounds + 1) share of one schedule and
+        resumes the model, optimiser and recipe state where round r-1's training ended (a
+        weights-only warm start with a fresh schedule back at the peak would undo it)."""
+        if self.al.retrain == "from_scratch":
+            return {}
+        parts = self.al.rounds + 1
+        changes: dict[str, Any] = {"train.schedule_span": (r / parts, (r + 1) / parts)}
+        if r > 0:
+            folder = f"{round_dir(r - 1)}/model/{TRAIN_DIR}"
+            names = sorted(name.rsplit("/", 1)[-1] for name in self.store.list(folder))
+            last = [name for name in names if name.startswith(CHECKPOINT_PREFIX)][-1]
+            changes["train.resume_from"] = self.store.uri(f"{folder}/{last}/{CHECKPOINT_FILE}")
+        return changes
 
     def _score(self, r: int) -> dict[str, Any]:
         from segrl.engine.score import score_pool

@@ -148,16 +148,20 @@ class FeatureMemoryBank:
 class PrototypeBank:
     """ProDA class prototypes (Zhang et al., CVPR 2021, eq. 6).
 
-    ``update``: per-class centroid of this batch's features, ``eta_k <- m eta_k +
-    (1 - m) centroid_k`` for classes present in the batch; the first centroid of a
-    class initialises it. ``prototypes`` is ``C x D``; ``initialized`` ``C`` bool flags
-    the classes seen so far (others are zero rows).
+    ``update``: per-class centroid of this batch's features, ``eta_k <- m_k eta_k +
+    (1 - m_k) centroid_k`` for classes present in the batch, with
+    ``m_k = min(n_k / (n_k + 1), m)`` after ``n_k`` earlier batches of class k: a plain
+    mean of the batches seen until the momentum takes over. ProDA starts from centroids
+    over the whole target set; one first batch would pin a class's prototype to a few
+    images for thousands of steps. ``prototypes`` is ``C x D``; ``initialized`` ``C``
+    bool flags the classes seen so far (others are zero rows, no prototype at all).
     """
 
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9999) -> None:
         self.num_classes, self.dim, self.momentum = num_classes, dim, momentum
         self.prototypes = torch.zeros(num_classes, dim)
         self.initialized = torch.zeros(num_classes, dtype=torch.bool)
+        self.batches = torch.zeros(num_classes, dtype=torch.int64)  # n_k
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> None:
@@ -173,20 +177,24 @@ class PrototypeBank:
         sums, counts = sums.cpu(), counts.cpu()
         present = counts > 0
         centroid = sums[present] / counts[present].unsqueeze(1)
-        old = self.prototypes[present]
-        blended = self.momentum * old + (1.0 - self.momentum) * centroid
-        first = ~self.initialized[present].unsqueeze(1)
-        self.prototypes[present] = torch.where(first, centroid, blended)
+        seen = self.batches[present].double()
+        m = (seen / (seen + 1)).clamp(max=self.momentum).float().unsqueeze(1)
+        self.prototypes[present] = m * self.prototypes[present] + (1.0 - m) * centroid
+        self.batches[present] += 1
         self.initialized |= present
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "prototypes": self.prototypes.clone(),
             "initialized": self.initialized.clone(),
+            "batches": self.batches.clone(),
             "momentum": self.momentum,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.prototypes = state["prototypes"].clone().float()
         self.initialized = state["initialized"].clone().bool()
+        # a checkpoint from before the warm-up counted batches: its prototypes are past it
+        past = torch.where(self.initialized, torch.iinfo(torch.int64).max // 2, 0)
+        self.batches = state["batches"].clone().long() if "batches" in state else past
         self.momentum = float(state["momentum"])

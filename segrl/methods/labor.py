@@ -13,9 +13,11 @@ segmentation net, not part of its loss, so it lives beside the recipes, not amon
 Each :meth:`LaborSelector.step` is two optimiser steps, as in MCD:
 
 (a) both heads minimise pixel CE on labeled pixels;
-(b) both heads minimise ``CE_a + CE_b - lambda_discrepancy * discrepancy(unlabeled)``
+(b) both heads minimise ``CE_a + CE_b + CE_pseudo - lambda_discrepancy * discrepancy(unlabeled)``
     (:func:`labor_head_loss`), so they spread apart where there are no labels while the
-    CE term keeps them right on the labeled pixels.
+    CE terms keep them right on the labeled pixels and, with the segmentation model's
+    pseudo labels on the unlabeled ones (LabOR's pseudo-label training loss L_pt), in
+    agreement wherever the model is not ambiguous: the disagreement mask stays selective.
 """
 
 from __future__ import annotations
@@ -40,17 +42,23 @@ def labor_head_loss(
     lambda_discrepancy: float,
     ignore_index: int = 255,
     unlabeled_valid: torch.Tensor | None = None,
+    unlabeled_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pseudo_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Step (b) of the selector: ``CE(a) + CE(b) - lambda * discrepancy``, a scalar.
+    """Step (b) of the selector: ``CE(a) + CE(b) [+ CE_u(a) + CE_u(b)] - lambda * discrepancy``.
 
     logits ``B x C x H x W`` of the two heads on labeled images, labels ``B x H x W``
     (int64, ``ignore_index`` = no label); unlabeled_probs ``B' x C x h x w`` softmax
     outputs of the heads on unlabeled images; unlabeled_valid ``B' x h x w`` bool or None
-    (all pixels count). Minimising it maximises the discrepancy.
+    (all pixels count). With ``unlabeled_logits`` (the heads' ``B' x C x h x w``) and
+    ``pseudo_labels`` ``B' x h x w`` (``ignore_index`` = none), both heads also learn the
+    pseudo labels. Minimising it maximises the discrepancy.
     """
     ce = cross_entropy(logits_a, labels, ignore_index) + cross_entropy(
         logits_b, labels, ignore_index
     )
+    if unlabeled_logits is not None and pseudo_labels is not None:
+        ce = ce + sum(cross_entropy(u, pseudo_labels, ignore_index) for u in unlabeled_logits)
     discrepancy = classifier_discrepancy(unlabeled_probs_a, unlabeled_probs_b, unlabeled_valid)
     return ce - lambda_discrepancy * discrepancy
 
@@ -109,12 +117,15 @@ class LaborSelector:
         features_unlabeled: torch.Tensor,
         ignore_index: int = 255,
         unlabeled_valid: torch.Tensor | None = None,
+        pseudo_unlabeled: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One round of steps (a) and (b) (see the module docstring).
 
         features_labeled ``B x C x h x w`` and labels ``B x H x W`` (full resolution:
         head logits are upsampled bilinearly to it); features_unlabeled ``B' x C x h' x w'``
-        with optional unlabeled_valid ``B' x h' x w'`` bool (e.g. crop padding = False).
+        with optional unlabeled_valid ``B' x h' x w'`` bool (e.g. crop padding = False) and
+        pseudo_unlabeled ``B' x h' x w'`` int64, the segmentation model's pseudo labels on
+        the same grid (``ignore_index`` = none).
         The discrepancy is measured on the feature grid: no labels to match there, and
         upsampling would only cost memory. Returns floats: ``ce_a``, ``ce_b`` (before
         the round), ``discrepancy`` and ``loss_b`` (step (b)'s inputs).
@@ -142,6 +153,8 @@ class LaborSelector:
             self.lambda_discrepancy,
             ignore_index,
             unlabeled_valid,
+            (u_a, u_b),
+            None if pseudo_unlabeled is None else pseudo_unlabeled.to(u_a.device),
         )
         self._optimise(loss_b)
         discrepancy = classifier_discrepancy(probs_a.detach(), probs_b.detach(), unlabeled_valid)

@@ -60,6 +60,15 @@ from segrl.models.ema import EMATeacher, unwrap
 RECIPES = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill")
 
 
+def valid_pixels(batch: dict) -> torch.Tensor:
+    """``B x H x W`` bool: the frames' own pixels, False on crop padding (``ToTensors``'s
+    ``valid``; a batch without it counts every pixel)."""
+    if "valid" in batch:
+        return batch["valid"].bool()
+    image = batch["image"]
+    return torch.ones(image.shape[0], *image.shape[-2:], dtype=torch.bool, device=image.device)
+
+
 def strong_views(images: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Strong views ``B x 3 x H x W`` of weak images and their cutout masks ``B x H x W``
     (True where cutout blanked the pixel: no pseudo label may be learned there)."""
@@ -82,6 +91,7 @@ class Recipe:
 
     uses_unlabeled = False
     needs_pseudo = False  # unlabeled batches come with offline pseudo labels ("mask")
+    class_weight: torch.Tensor | None = None  # ``C`` weights of the labeled CE (train.class_weighting)
 
     def __init__(self, model: nn.Module, cfg: MethodConfig, ignore_index: int = 255, seed: int = 0) -> None:
         self.cfg, self.ignore_index = cfg, ignore_index
@@ -135,9 +145,15 @@ class Recipe:
         for term, saved in zip(self.terms, state.get("terms", []), strict=False):
             term.load_state_dict(saved)
 
+    def _labeled_ce(self, logits: torch.Tensor, batch_x: dict) -> torch.Tensor:
+        """CE on the labeled batch; images drawn by their labeled pixels carry ``label_weight``
+        (``segrl.training.label_weights``), which keeps every labeled pixel's weight equal."""
+        return cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index,
+                             class_weight=self.class_weight, image_weight=batch_x.get("label_weight"))
+
     def _supervised(self, model: nn.Module, batch_x: dict) -> tuple[dict, StepOutputs]:
         logits, feats = model(batch_x["image"], return_features=True)
-        loss = cross_entropy(logits, batch_x["mask"], ignore_index=self.ignore_index)
+        loss = self._labeled_ce(logits, batch_x)
         return {"loss": loss, "loss_x": loss.detach()}, StepOutputs(logits, feats, batch_x["mask"])
 
 
@@ -147,9 +163,31 @@ class SupervisedRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         out, outputs = self._supervised(model, batch_x)
         if batch_u is not None:
-            with torch.no_grad():
-                _, outputs.feats_u = unwrap(model)(batch_u["image"], return_features=True)
+            logits_u, outputs.feats_u = probe_forward(model, batch_u["image"])
+            outputs.pred_u = logits_u.argmax(1).masked_fill(~valid_pixels(batch_u), self.ignore_index)
         return out, outputs
+
+
+@torch.no_grad()
+def probe_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``B x C x H x W`` and features ``B x D x h x w`` of ``images`` from a forward
+    that leaves the model as it was.
+
+    Eval mode: a train-mode forward would move BatchNorm's running statistics toward these
+    images (a probe must not change the model it measures), and it gives the features that
+    scoring sees. The random stream is restored, so a run with a probe draws what one
+    without it draws.
+    """
+    bare = unwrap(model)
+    was_training = bare.training
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        bare.eval()
+        try:
+            logits, feats = bare(images, return_features=True)
+        finally:
+            bare.train(was_training)
+    return logits, feats
 
 
 class MeanTeacherRecipe(Recipe):
@@ -171,61 +209,68 @@ class MeanTeacherRecipe(Recipe):
         counts = class_pixel_counts if class_pixel_counts is not None else torch.ones(1)
         self.mix_probs = balanced_class_probabilities(counts, cfg.classmix_temperature)
         self.generator = torch.Generator().manual_seed(seed)
+        self._teacher_has_own_statistics = False  # set by the first step with unlabeled images
 
     def _teacher_probs(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images).float().softmax(1)
+        """Teacher softmax on weak views. Its BatchNorm keeps statistics of weak views of
+        its own (see ``after_step``): the student's come mostly from strong, mixed views,
+        while the teacher is the model that is evaluated and deployed."""
+        return self.teacher.with_batch_statistics(images).float().softmax(1)
 
-    def _mix(self, images: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced ClassMix: paste tail-biased classes of a source image onto each image.
+    def _mix(self, images: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor,
+             sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Balanced ClassMix on weak views: paste tail-biased classes of a source image
+        (the teacher's pseudo labels on its own pixels) onto each image, one mix per image.
 
-        Sources are the batch rolled by one and, with a replay buffer, earlier images.
-        Returns mixed images ``B' x 3 x H x W`` and mixed teacher probabilities.
+        images ``B x 3 x H x W``, probs ``B x C x H x W``, valid ``B x H x W`` (False on crop
+        padding); sources the same three for the source images. Returns the mixed images,
+        probabilities and valid maps; a source's padding is never pasted.
         """
+        src_images, src_probs, src_valid = sources
+        src_pseudo = src_probs.argmax(1).masked_fill(~src_valid, self.ignore_index)
         pseudo = probs.argmax(1)
-        sources = [(images.roll(1, 0), probs.roll(1, 0))]
-        if self.buffer is not None and len(self.buffer):
-            old_images, _ = self.buffer.sample(images.shape[0])
-            old_images = old_images.to(images.device)
-            sources.append((old_images, self._teacher_probs(old_images)))
-        mixed_images, mixed_probs = [], []
-        for src_images, src_probs in sources:
-            src_pseudo = src_probs.argmax(1)
-            for i in range(images.shape[0]):
-                classes = sample_mix_classes(src_pseudo[i].unique(), self.mix_probs, generator=self.generator)
-                image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i], classes.to(pseudo.device))
-                mixed_images.append(image)
-                mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
-        if self.buffer is not None:
-            self.buffer.add((images.detach().cpu(), pseudo.detach().cpu()))
-        return torch.stack(mixed_images), torch.stack(mixed_probs)
+        mixed_images, mixed_probs, mixed_valid = [], [], []
+        for i in range(images.shape[0]):
+            present = src_pseudo[i].unique()
+            classes = sample_mix_classes(present[present != self.ignore_index], self.mix_probs,
+                                         generator=self.generator)
+            image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i],
+                                       classes.to(pseudo.device), self.ignore_index)
+            mixed_images.append(image)
+            mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
+            mixed_valid.append(paste | valid[i])
+        return torch.stack(mixed_images), torch.stack(mixed_probs), torch.stack(mixed_valid)
 
     def compute(self, model, batch_x, batch_u, epoch):
         images_x, masks_x = batch_x["image"], batch_x["mask"]
         if batch_u is None or epoch < self.cfg.cold_start_epochs:
             return self._supervised(model, batch_x)
-        images_u = batch_u["image"]
-        probs_u = self._teacher_probs(images_u)
-        strong_u, cut_u = strong_views(images_u, self.ignore_index)
-        parts = [images_x, strong_u]
-        mixed = None
-        if self.cfg.classmix:
-            mixed = self._mix(strong_u, probs_u)
-            parts.append(mixed[0])
-        logits, feats = model(torch.cat(parts), return_features=True)
+        self._teacher_has_own_statistics = True
+        images_u, valid_u = batch_u["image"], valid_pixels(batch_u)
         n_x, n_u = images_x.shape[0], images_u.shape[0]
-        loss_x = cross_entropy(logits[:n_x], masks_x, ignore_index=self.ignore_index)
-        loss_u = self._pseudo_loss(logits[n_x : n_x + n_u], probs_u, cut_u)
-        total = loss_x + self.cfg.lambda_u * loss_u
-        out = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
-        if mixed is not None:
-            loss_mix = self._pseudo_loss(logits[n_x + n_u :], mixed[1], None)
-            total = total + self.cfg.lambda_mix * loss_mix
-            out["loss_mix"] = loss_mix.detach()
-        out["loss"] = total
+        replayed = self.buffer is not None and len(self.buffer) > 0
+        if replayed:  # earlier weak views, labeled by the teacher in the same forward
+            old_images, old_valid = (t.to(images_u.device) for t in self.buffer.sample(n_u))
+            probs = self._teacher_probs(torch.cat([images_u, old_images]))
+            probs_u, sources = probs[:n_u], (old_images, probs[n_u:], old_valid.bool())
+        else:
+            probs_u = self._teacher_probs(images_u)
+            sources = (images_u.roll(1, 0), probs_u.roll(1, 0), valid_u.roll(1, 0))
+        if self.buffer is not None:
+            self.buffer.add((images_u.detach().cpu(), valid_u.long().cpu()))
+        if self.cfg.classmix:
+            # S4AL: the student learns the mixed images only, one per unlabeled image
+            images_u, probs_u, valid_u = self._mix(images_u, probs_u, valid_u, sources)
+        strong_u, cut_u = strong_views(images_u, self.ignore_index)
+        ignore_u = cut_u | ~valid_u  # cutout boxes and crop padding: nothing to see there
+        logits, feats = model(torch.cat([images_x, strong_u]), return_features=True)
+        loss_x = self._labeled_ce(logits[:n_x], batch_x)
+        loss_u = self._pseudo_loss(logits[n_x:], probs_u, ignore_u)
+        name, weight = ("loss_mix", self.cfg.lambda_mix) if self.cfg.classmix else ("loss_u", self.cfg.lambda_u)
+        out = {"loss": loss_x + weight * loss_u, "loss_x": loss_x.detach(), name: loss_u.detach()}
         conf_u, pseudo_u = probs_u.max(1)
-        outputs = StepOutputs(logits[:n_x], feats[:n_x], masks_x, logits[n_x : n_x + n_u],
-                              feats[n_x : n_x + n_u], pseudo_u.masked_fill(cut_u, self.ignore_index),
-                              conf_u, probs_u)
+        outputs = StepOutputs(logits[:n_x], feats[:n_x], masks_x, logits[n_x:], feats[n_x:],
+                              pseudo_u.masked_fill(ignore_u, self.ignore_index), conf_u, probs_u)
         return out, outputs
 
     def _pseudo_loss(self, logits: torch.Tensor, probs: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +285,9 @@ class MeanTeacherRecipe(Recipe):
         return cross_entropy(logits, pseudo, ignore_index=self.ignore_index)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.teacher.update(model, step)
+        # Supervised-only (cold start) steps give the teacher no forward: copy the student's
+        # statistics, which then come from weak labeled views alone.
+        self.teacher.update(model, step, copy_buffers=not self._teacher_has_own_statistics)
         super().after_step(model, step)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
@@ -269,17 +316,16 @@ class StrongForward:
     feats_x: torch.Tensor
     logits_u: torch.Tensor
     feats_u: torch.Tensor
-    cut_u: torch.Tensor  # cutout pixels of the strong views: no pseudo label there
+    cut_u: torch.Tensor  # cutout boxes of the strong views and crop padding: no pseudo label there
 
 
-def _student_on_strong_view(
-    recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor
-) -> StrongForward:
-    strong_u, cut_u = strong_views(images_u, recipe.ignore_index)
+def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> StrongForward:
+    strong_u, cut_u = strong_views(batch_u["image"], recipe.ignore_index)
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
-    loss_x = cross_entropy(logits[:n_x], batch_x["mask"], ignore_index=recipe.ignore_index)
-    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], cut_u)
+    loss_x = recipe._labeled_ce(logits[:n_x], batch_x)
+    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:],
+                         cut_u | ~valid_pixels(batch_u))
 
 
 class PseudoLabelRecipe(Recipe):
@@ -291,7 +337,7 @@ class PseudoLabelRecipe(Recipe):
     def compute(self, model, batch_x, batch_u, epoch):
         if batch_u is None:
             return self._supervised(model, batch_x)
-        f = _student_on_strong_view(self, model, batch_x, batch_u["image"])
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         pseudo = batch_u["mask"].masked_fill(f.cut_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
@@ -325,17 +371,18 @@ class ProdaRecipe(Recipe):
         initial_soft = self.initial(images_u).float().softmax(1)
         _, feats_w = self.teacher(images_u, return_features=True)
         grid = tuple(feats_w.shape[-2:])
-        coarse = to_feature_grid(initial_soft.argmax(1), grid)
-        if not self.prototypes.initialized.any():
-            self.prototypes.update(feats_w, coarse, self.ignore_index)
         protos = self.prototypes.prototypes.to(feats_w.device)
-        rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature)
-        f = _student_on_strong_view(self, model, batch_x, images_u)
+        known = self.prototypes.initialized.to(feats_w.device)  # no zero row enters a softmax
+        rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature,
+                                                        known)
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         pseudo = hard.masked_fill(f.cut_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
-        loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature)
-        # prototypes follow the rectified labels of the EMA features (ProDA eq. 6)
-        self.prototypes.update(feats_w, to_feature_grid(hard, grid), self.ignore_index)
+        loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature, known)
+        # prototypes follow the rectified labels of the EMA features on the frames' own pixels
+        # (ProDA eq. 6); before any prototype exists these are the initial model's labels
+        own = hard.masked_fill(~valid_pixels(batch_u), self.ignore_index)
+        self.prototypes.update(feats_w, to_feature_grid(own, grid), self.ignore_index)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
                               rectified.max(1).values, rectified)
         total = f.loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_structure * loss_kl
@@ -378,7 +425,7 @@ class DistillRecipe(Recipe):
             return self._supervised(model, batch_x)
         images_u = batch_u["image"]
         soft = self.teacher(images_u).float().softmax(1)
-        f = _student_on_strong_view(self, model, batch_x, images_u)
+        f = _student_on_strong_view(self, model, batch_x, batch_u)
         keep = (~f.cut_u).unsqueeze(1).float()
         log_student = f.logits_u.float().log_softmax(1)
         kl = (soft * (soft.clamp(min=1e-8).log() - log_student) * keep).sum(1).sum() / keep.sum().clamp(min=1)
@@ -391,9 +438,17 @@ class DistillRecipe(Recipe):
 
 def build_recipe(
     cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int, seed: int,
-    endpoint_url: str | None = None,
+    endpoint_url: str | None = None, class_weight: torch.Tensor | None = None,
 ) -> Recipe:
-    """The recipe ``cfg.name`` names (see ``RECIPES``)."""
+    """The recipe ``cfg.name`` names (see ``RECIPES``); ``class_weight`` ``C`` weighs the
+    classes of its labeled cross-entropy."""
+    recipe = _new_recipe(cfg, model, class_pixel_counts, ignore_index, seed, endpoint_url)
+    recipe.class_weight = class_weight
+    return recipe
+
+
+def _new_recipe(cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int,
+                seed: int, endpoint_url: str | None) -> Recipe:
     if cfg.name == "supervised":
         return SupervisedRecipe(model, cfg, ignore_index, seed)
     if cfg.name == "mean_teacher":

@@ -45,6 +45,7 @@ class StepOutputs:
     pseudo_u: torch.Tensor | None = None
     conf_u: torch.Tensor | None = None
     probs_u: torch.Tensor | None = None
+    pred_u: torch.Tensor | None = None  # the model's own argmax on the unlabeled batch (a probe's)
 
 
 def all_reduce_gradients(module: nn.Module) -> None:
@@ -83,7 +84,8 @@ class ContrastiveTerm:
     reaches ``contrastive_threshold``; positive: the class mean in the memory bank;
     negatives: other classes' bank entries. With ``tail_sampling`` the anchors of a
     step are shared among classes by ``softmax(1 - class confidence)`` from a
-    :class:`ClassConfidenceBank` (EMA ``confidence_bank_alpha``).
+    :class:`ClassConfidenceBank` (EMA ``confidence_bank_alpha``) of the model's
+    probability of the ground-truth class on labeled pixels.
     """
 
     name = "loss_contrastive"
@@ -108,8 +110,9 @@ class ContrastiveTerm:
             labels.append(to_feature_grid(out.pseudo_u, grid))
             confidence.append(to_feature_grid(out.conf_u.float(), grid))
         emb, lab, conf = torch.cat(embeddings), torch.cat(labels), torch.cat(confidence)
-        probs = out.probs_u if out.probs_u is not None else out.logits_x.detach().float().softmax(1)
-        self.confidence.update(probs, probs.argmax(1))
+        # STAL's class-wise confidence: the model's probability of the true class on labeled
+        # pixels (pseudo labels would score a class by how sure the model is of its own guesses)
+        self.confidence.update(out.logits_x.detach().float().softmax(1), out.mask_x, self.ignore_index)
         per_class = None
         if self.cfg.tail_sampling:
             reliable = (conf >= self.cfg.contrastive_threshold) & (lab != self.ignore_index)
@@ -220,7 +223,12 @@ class LaborTerm:
         if out.feats_u is None:
             return zero
         self.selector.heads.to(out.feats_x.device)
-        stats = self.selector.step(out.feats_x.detach(), out.mask_x, out.feats_u.detach(), self.ignore_index)
+        # LabOR's L_pt: the heads also learn the model's pseudo labels on unlabeled pixels
+        pseudo = out.pseudo_u if out.pseudo_u is not None else out.pred_u
+        if pseudo is not None:
+            pseudo = to_feature_grid(pseudo, tuple(out.feats_u.shape[-2:]))
+        stats = self.selector.step(out.feats_x.detach(), out.mask_x, out.feats_u.detach(), self.ignore_index,
+                                   pseudo_unlabeled=pseudo)
         return zero.detach() + stats["discrepancy"]
 
     def after_step(self) -> None:

@@ -46,22 +46,40 @@ class EMATeacher:
         self.model.eval()
 
     @torch.no_grad()
-    def update(self, student: nn.Module, step: int) -> float:
-        """Move the teacher toward ``student`` (DDP-wrapped or not); returns ``m_t``."""
+    def update(self, student: nn.Module, step: int, copy_buffers: bool = True) -> float:
+        """Move the teacher toward ``student`` (DDP-wrapped or not); returns ``m_t``.
+
+        ``copy_buffers=False`` keeps the teacher's own BatchNorm statistics (gathered by
+        :meth:`with_batch_statistics` forwards) instead of copying the student's.
+        """
         m = ema_momentum(step, self.momentum)
         student = unwrap(student)
         own = dict(self.model.named_parameters())
         for name, param in student.named_parameters():
             own[name].mul_(m).add_(param.detach().to(own[name].dtype), alpha=1.0 - m)
-        own_buffers = dict(self.model.named_buffers())
-        for name, buf in student.named_buffers():
-            # running stats are already averages; num_batches_tracked is an integer
-            own_buffers[name].copy_(buf)
+        if copy_buffers:
+            own_buffers = dict(self.model.named_buffers())
+            for name, buf in student.named_buffers():
+                # running stats are already averages; num_batches_tracked is an integer
+                own_buffers[name].copy_(buf)
         return m
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.model(*args, **kwargs)
+
+    def with_batch_statistics(self, *args: Any, **kwargs: Any) -> Any:
+        """The teacher's output with its BatchNorm layers in train mode (everything else,
+        dropout included, in eval): they normalise with this batch and move the teacher's
+        running statistics toward it."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for norm in norms:
+            norm.train()
+        try:
+            return self(*args, **kwargs)
+        finally:
+            for norm in norms:
+                norm.eval()
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "momentum": self.momentum}

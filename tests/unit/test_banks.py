@@ -74,19 +74,26 @@ def test_feature_bank_state_round_trip_repeats_draws():
     assert torch.equal(copy.sample_negatives(0, 4), bank.sample_negatives(0, 4))
 
 
-def test_prototype_bank_momentum_update_exact():
+def test_prototype_bank_averages_its_first_batches_then_follows_the_momentum():
+    """A class's prototype is the mean of its first batches' centroids (not the first batch
+    with weight 0.9 after it), until the momentum m caps the warm-up n / (n + 1)."""
     bank = PrototypeBank(num_classes=3, dim=2, momentum=0.9)
+    capped = PrototypeBank(num_classes=3, dim=2, momentum=0.25)
     # 1 x 2 x 1 x 3 features: pixels (1, 2) and (3, 4) of class 0, (5, 6) ignored
-    feats = torch.tensor([[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]]).view(1, 2, 1, 3)
-    bank.update(feats, torch.tensor([[[0, 0, 255]]]))
+    first = torch.tensor([[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]]).view(1, 2, 1, 3), torch.tensor([[[0, 0, 255]]])
+    second = torch.tensor([[12.0, 7.0], [13.0, 8.0]]).view(1, 2, 1, 2), torch.tensor([[[0, 1]]])
+    for b in (bank, capped):
+        b.update(*first)
     assert bank.prototypes.tolist() == [[2.0, 3.0], [0.0, 0.0], [0.0, 0.0]]  # initialised
     assert bank.initialized.tolist() == [True, False, False]
-    feats = torch.tensor([[12.0, 7.0], [13.0, 8.0]]).view(1, 2, 1, 2)
-    bank.update(feats, torch.tensor([[[0, 1]]]))
-    assert bank.prototypes[0].tolist() == pytest.approx([0.9 * 2 + 0.1 * 12, 0.9 * 3 + 0.1 * 13])
+    for b in (bank, capped):
+        b.update(*second)
+    assert bank.prototypes[0].tolist() == pytest.approx([(2 + 12) / 2, (3 + 13) / 2])
+    assert capped.prototypes[0].tolist() == pytest.approx([0.25 * 2 + 0.75 * 12, 0.25 * 3 + 0.75 * 13])
     assert bank.prototypes[1].tolist() == [7.0, 8.0]
     copy = PrototypeBank(num_classes=3, dim=2)
     copy.load_state_dict(bank.state_dict())
     assert torch.equal(copy.prototypes, bank.prototypes) and copy.momentum == 0.9
+    assert copy.batches.tolist() == [2, 1, 0]
     with pytest.raises(ValueError, match="nearest"):
         bank.update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 8, 8, dtype=torch.long))

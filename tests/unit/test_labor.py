@@ -77,8 +77,15 @@ def test_labor_head_loss_equals_hand_computation():
     loss = labor_head_loss(logits_a, logits_b, labels, probs_a, probs_b, 0.5, 255)
     ce_a = math.log(1 + math.exp(-2.0))  # -log softmax([2, 0])[0]
     ce_b = math.log(2.0)
-    discrepancy = 0.6 + 0.6  # |0.9 - 0.3| + |0.1 - 0.7|
+    discrepancy = (0.6 + 0.6) / 2  # (|0.9 - 0.3| + |0.1 - 0.7|) / C, MCD's class mean
     assert loss.item() == pytest.approx(ce_a + ce_b - 0.5 * discrepancy, abs=1e-6)
+    # LabOR's L_pt: with the heads' unlabeled logits and pseudo labels, both learn them too
+    u_a = torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)
+    u_b = torch.zeros(1, 2, 1, 1)
+    with_pseudo = labor_head_loss(logits_a, logits_b, labels, probs_a, probs_b, 0.5, 255,
+                                  unlabeled_logits=(u_a, u_b), pseudo_labels=torch.tensor([[[1]]]))
+    pseudo_ce = math.log(1 + math.exp(2.0)) + math.log(2.0)  # -log softmax([2, 0])[1], -log 1/2
+    assert with_pseudo.item() == pytest.approx(ce_a + ce_b + pseudo_ce - 0.5 * discrepancy, abs=1e-6)
 
 
 def test_labor_head_loss_counts_only_valid_unlabeled_pixels():
@@ -88,7 +95,7 @@ def test_labor_head_loss_counts_only_valid_unlabeled_pixels():
     probs_b = torch.tensor([[0.0, 0.5], [1.0, 0.5]]).view(1, 2, 1, 2)
     valid = torch.tensor([[[True, False]]])
     loss = labor_head_loss(logits, logits, labels, probs_a, probs_b, 1.0, unlabeled_valid=valid)
-    assert loss.item() == pytest.approx(2 * math.log(2.0) - 2.0, abs=1e-6)
+    assert loss.item() == pytest.approx(2 * math.log(2.0) - 1.0, abs=1e-6)  # discrepancy 2 / C
 
 
 def test_disagreement_matches_predict():
@@ -272,3 +279,32 @@ def test_select_ppl_images_charges_clicks():
     assert select_ppl_images(ids, uncertain, 5, 100, exclude=["a"]) == ["d", "b"]
     with pytest.raises(ValueError, match="points_per_image"):
         select_ppl_images(ids, uncertain, 0, 10)
+
+
+def test_spl_labels_every_disagreeing_image_with_masks_shrunk_together_to_the_budget():
+    """LabOR SPL: masks of 100, 50 and 50 scoring pixels (the second image at twice the
+    resolution: 100 original pixels), 250 in all, and a budget of 125: all three images get
+    half of their mask, instead of the first image its whole mask and the second a part of
+    its own. A budget that fits them all keeps them whole."""
+    from segrl.acquisition.labor import spl_image_budgets
+
+    assert spl_image_budgets([100, 50, 50], [1.0, 2.0, 1.0], 125).tolist() == [50, 50, 25]
+    assert spl_image_budgets([100, 50, 50], [1.0, 2.0, 1.0], 10_000).tolist() == [100, 100, 50]
+    assert spl_image_budgets([0, 10], [1.0, 1.0], 4).tolist() == [0, 4]
+
+
+def test_pseudo_labels_keep_the_heads_in_agreement_where_the_model_is_sure():
+    """Heads pushed apart on unlabeled pixels (MCD) disagree on fewer pixels when they also
+    learn the model's pseudo labels there (LabOR's L_pt): the mask stays selective."""
+    g = torch.Generator().manual_seed(0)
+    feats_x, feats_u = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=g)
+    pseudo = torch.randint(0, 3, (2, 4, 4), generator=g)
+    plain = LaborSelector(8, 3, lr=0.05, lambda_discrepancy=1.0, seed=0)
+    anchored = LaborSelector(8, 3, lr=0.05, lambda_discrepancy=1.0, seed=0)
+    for _ in range(60):
+        plain.step(feats_x, labels, feats_u)
+        anchored.step(feats_x, labels, feats_u, pseudo_unlabeled=pseudo)
+    plain_mask, _ = plain.disagreement(feats_u, (4, 4))
+    anchored_mask, _ = anchored.disagreement(feats_u, (4, 4))
+    assert anchored_mask.float().mean() < plain_mask.float().mean()

@@ -107,3 +107,49 @@ def test_with_a_labeled_source_domain_the_pool_is_the_target_minus_its_held_out_
     loop._write_pool()
     ids = pa.parquet.read_table(tmp_path / "da" / "pool.parquet").column("id").to_pylist()
     assert len(ids) == 62 - 20 and all(i.startswith("0001TP") for i in ids)
+
+
+@pytest.mark.parametrize("mode", ["from_scratch", "continue"])
+def test_retrain_modes_start_a_round_afresh_or_from_the_last_training_state(tmp_path, mode):
+    """from_scratch: no weights from earlier rounds, a whole schedule; continue: round r
+    resumes round r-1's newest training checkpoint (model, optimiser, recipe) on the
+    [r, r+1) / (rounds + 1) share of one schedule."""
+    from segrl.loop.run import ActiveLearningLoop
+
+    cfg = load_config(overrides=[f"store.root={tmp_path}", "run=loop", "al.rounds=2", f"al.retrain={mode}"])
+    loop = ActiveLearningLoop(cfg)
+    for name in ("ckpt_00000004/checkpoint.pt", "ckpt_00000012/checkpoint.pt", "checkpoint_manager_snapshot.json"):
+        loop.store.write_bytes(f"rounds/00/model/train/{name}", b"x")
+    first, second = loop._retrain_changes(0), loop._retrain_changes(1)
+    if mode == "from_scratch":
+        assert first == second == {}
+    else:
+        assert first == {"train.schedule_span": (0.0, 1 / 3)}
+        assert second == {"train.schedule_span": (1 / 3, 2 / 3),
+                          "train.resume_from": loop.store.uri("rounds/00/model/train/ckpt_00000012/checkpoint.pt")}
+
+
+def test_round_steps_grow_with_the_labels_so_later_labels_get_their_share(tmp_path):
+    from segrl.loop.run import ActiveLearningLoop
+
+    base = [f"store.root={tmp_path}", "run=loop", "train.steps=10"]
+    loop = ActiveLearningLoop(load_config(overrides=base))
+    loop.state = {}
+    assert loop._round_steps(400) == 10  # round 0 sets the pace: 400 labeled pixels, 10 steps
+    assert loop._round_steps(1000) == 25  # 2.5x the labels, 2.5x the steps
+    assert loop.state["first_labeled_pixels"] == 400  # kept in state.json for a resumed loop
+    fixed = ActiveLearningLoop(load_config(overrides=[*base, "al.scale_steps=false"]))
+    fixed.state = {}
+    assert fixed._round_steps(1000) == 0  # 0 = train.steps as configured
+
+
+def test_a_labeled_manifest_with_pixel_counts_exposes_them_to_the_sampler(tmp_path):
+    from segrl.data.build import _label_count_columns
+
+    with_counts = tmp_path / "counted.parquet"
+    pa.parquet.write_table(pa.table({"id": ["a"], "image_uri": ["a.png"], "label_uri": ["a_l.png"],
+                                     "labeled_pixels": [3], "image_pixels": [10]}), with_counts)
+    without = tmp_path / "plain.parquet"
+    pa.parquet.write_table(pa.table({"id": ["a"], "image_uri": ["a.png"], "label_uri": ["a_l.png"]}), without)
+    assert _label_count_columns(str(with_counts), "") == ("labeled_pixels", "image_pixels")
+    assert _label_count_columns(str(without), "") == ()

@@ -18,6 +18,7 @@ from segrl.losses import (
     discriminator_loss,
     get_loss,
     image_confidence_weight,
+    inverse_sqrt_frequency_weights,
     pixel_contrastive_loss,
     proda_rectified_pseudo_labels,
     prototype_soft_labels,
@@ -202,6 +203,34 @@ def test_rectified_labels_flip_when_prototypes_disagree():
     assert soft_big.shape == (1, 3, 2, 4) and hard_big.shape == (1, 2, 4)
 
 
+def test_classes_without_a_prototype_take_no_share_of_the_prototype_softmax():
+    """Class 2 has no prototype yet (a zero row). It must not attract pixels by their
+    distance to the origin: pixel 0 sits at the origin, nearest the zero row."""
+    feats = _grid([0.0, 0.0], [4.0, 0.0])
+    known = torch.tensor([True, True, False])
+    soft = prototype_soft_labels(feats, PROTOS * torch.tensor([[1.0], [1.0], [0.0]]), 1.0, known)
+    assert soft[0, 2].abs().max().item() == 0.0
+    assert soft[0, :2, 0, 0] == pytest.approx((-torch.tensor([0.0, 4.0])).softmax(0).tolist(), abs=1e-5)
+    # rectification: the unknown class keeps a neutral weight 1/2, so the initial model's
+    # confident class 2 survives and can found its prototype
+    initial = torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 2)
+    _, hard = proda_rectified_pseudo_labels(initial, feats, PROTOS, 1.0, known)
+    assert hard.flatten().tolist() == [2, 2]
+    none = torch.zeros(3, dtype=torch.bool)
+    soft_none, hard_none = proda_rectified_pseudo_labels(initial, feats, PROTOS, 1.0, none)
+    assert torch.allclose(soft_none, initial) and hard_none.flatten().tolist() == [2, 2]
+    assert structure_consistency_kl(feats, feats + 1.0, PROTOS, 1.0, none).item() == 0.0
+    only = structure_consistency_kl(feats, feats + 1.0, PROTOS, 1.0, known)
+    assert only.item() == pytest.approx(structure_consistency_kl(feats, feats + 1.0, PROTOS[:2], 1.0).item())
+
+
+def test_inverse_sqrt_frequency_weights_known_values():
+    """Frequencies 0.9 / 0.1: weights in ratio sqrt(9) = 3, mean weight of a pixel 1."""
+    weights = inverse_sqrt_frequency_weights(torch.tensor([900, 100]))
+    assert weights.tolist() == pytest.approx([5 / 6, 5 / 2])
+    assert torch.isfinite(inverse_sqrt_frequency_weights(torch.tensor([10, 0]))).all()
+
+
 def test_structure_kl_zero_for_identical_views_and_positive_otherwise():
     feats = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     assert structure_consistency_kl(feats, feats.clone(), PROTOS, 1.0).item() == 0.0
@@ -217,9 +246,12 @@ def test_classifier_discrepancy_known_values():
     a = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 2)
     b = torch.tensor([[0.5, 1.0], [0.5, 0.0]]).view(1, 2, 1, 2)
     assert classifier_discrepancy_map(a, b).flatten().tolist() == [1.0, 0.0]
-    assert classifier_discrepancy(a, b).item() == 0.5
+    # MCD's scale: the class mean of |p_a - p_b| (the map's sum over C = 2 classes, halved)
+    assert classifier_discrepancy(a, b).item() == 0.25
     valid = torch.tensor([[[True, False]]])
-    assert classifier_discrepancy(a, b, valid).item() == 1.0
+    assert classifier_discrepancy(a, b, valid).item() == 0.5
+    many = torch.eye(19).view(1, 19, 19, 1)  # one-hot heads that disagree everywhere
+    assert classifier_discrepancy(many, many.roll(1, 1)).item() == pytest.approx(2 / 19)
 
 
 # ---- AdaptSegNet ---------------------------------------------------------------------------
@@ -259,3 +291,19 @@ def test_discriminator_loss_halves_and_generator_label():
     assert discriminator_loss(zeros, zeros).item() == pytest.approx(math.log(2))
     big = torch.full((1, 1, 2, 2), 20.0)
     assert discriminator_loss(big, -big).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cross_entropy_image_weight_is_a_weighted_mean_over_labeled_pixels():
+    """Image 0: one labeled pixel of loss log 2; image 1: two labeled pixels of loss
+    log(1 + e^-2) each (one pixel unlabeled). Weights 1 and 3 give (1*a + 3*2b) / (1 + 3*2)."""
+    from segrl.losses import cross_entropy
+
+    logits = torch.zeros(2, 2, 1, 3)
+    logits[1, 0] = 2.0  # image 1 predicts class 0 with margin 2
+    target = torch.tensor([[[0, 255, 255]], [[0, 0, 255]]])
+    a, b = math.log(2.0), math.log(1 + math.exp(-2.0))
+    weighted = cross_entropy(logits, target, image_weight=torch.tensor([1.0, 3.0]))
+    assert weighted.item() == pytest.approx((a + 3 * 2 * b) / 7)
+    plain = cross_entropy(logits, target)
+    assert cross_entropy(logits, target, image_weight=torch.ones(2)).item() == pytest.approx(plain.item())
+    assert plain.item() == pytest.approx((a + 2 * b) / 3)

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrl.config import MethodConfig, load_config
+from segrl.config import MethodConfig, TrainConfig, load_config
 from segrl.data.build import build_training_sets
 from segrl.engine.selftrain import rank_by_stability, split_reliable
-from segrl.engine.train import batch_sizes, concat_batches, snapshot_schedule
-from segrl.losses import tail_anchor_counts
+from segrl.engine.train import _class_counts, batch_sizes, concat_batches, snapshot_schedule
+from segrl.losses import inverse_sqrt_frequency_weights, tail_anchor_counts
 from segrl.methods.recipes import build_recipe
 from segrl.methods.terms import AdversarialTerm, ContrastiveTerm, StepOutputs
 from segrl.models import build_model
+from segrl.training import build_optimizer, continue_from, read_training_state, save_training_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CAMVID = Path(__file__).resolve().parents[3] / "shared" / "data" / "camvid"
@@ -58,6 +59,52 @@ def test_contrastive_term_fills_its_bank_and_favours_low_confidence_classes():
     assert second.item() > 0 and second.requires_grad
     probs = term.confidence.sampling_probabilities()
     assert probs[2] > probs[0] and probs[2] > probs[1]
+
+
+def test_confidence_bank_scores_classes_on_labeled_ground_truth_not_on_pseudo_labels():
+    """STAL: a class's confidence is the model's probability of the true class on labeled
+    pixels. The model is sure of class 0 everywhere; the right half is truly class 1, so
+    class 1 is a low-confidence (tail) class, whatever the teacher says on unlabeled images."""
+    cfg = MethodConfig(lambda_contrastive=1.0, contrastive_threshold=0.0, projection_dim=8)
+    term = ContrastiveTerm(cfg, feature_channels=16, num_classes=3, seed=0)
+    mask = torch.zeros(1, 8, 8, dtype=torch.long)
+    mask[..., 4:] = 1
+    logits = torch.zeros(1, 3, 8, 8)
+    logits[:, 0] = 4.0
+    teacher = torch.zeros(1, 3, 8, 8)
+    teacher[:, 1] = 0.99  # the teacher is sure of class 1 on the unlabeled image
+    teacher[:, 0] = teacher[:, 2] = 0.005
+    term(StepOutputs(logits, torch.randn(1, 16, 2, 2), mask, logits, torch.randn(1, 16, 2, 2),
+                     teacher.argmax(1), teacher.max(1).values, teacher))
+    p = torch.tensor([4.0, 0.0, 0.0]).softmax(0)
+    assert term.confidence.confidence.tolist() == pytest.approx([p[0].item(), p[1].item(), 0.0], abs=1e-6)
+
+
+def test_class_weighting_weighs_the_labeled_cross_entropy_of_every_recipe():
+    """train.class_weighting=inverse_sqrt_frequency reaches the loss: the recipe's labeled CE
+    is torch's class-weighted CE, with weights from the labeled pixels of each class."""
+    class Labeled(torch.utils.data.Dataset):
+        classes, ignore_index = ("a", "b", "c", "d"), 255
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"mask": torch.tensor([[0, 0, 0, 1], [2, 3, 255, 0]])}
+
+    cfg = load_config(overrides=["train.class_weighting=inverse_sqrt_frequency"])
+    counts = _class_counts(cfg, Labeled())
+    assert counts.tolist() == [4, 1, 1, 1]
+    assert _class_counts(load_config(), Labeled()) is None  # neither ClassMix nor weighting: no pass
+    weights = inverse_sqrt_frequency_weights(counts)
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    x = batch()
+    for name in ("supervised", "pseudo_label"):
+        recipe = build_recipe(MethodConfig(name=name), model, None, 255, seed=0, class_weight=weights)
+        loss = recipe.losses(model, x, None, epoch=0)["loss"]
+        expected = torch.nn.functional.cross_entropy(model(x["image"]), x["mask"], weight=weights)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_adversarial_discriminator_step_makes_target_outputs_more_source_like_for_the_generator():
@@ -168,3 +215,28 @@ def test_camvid_day_to_dusk_split_holds_out_the_same_dusk_frames_for_every_seed(
     assert not any(i.startswith("0001TP") for i in day)
     unlabeled = {a.unlabeled.base.ids[i] for i in a.unlabeled.indices}
     assert not unlabeled & set(a.target_eval_ids)
+
+
+def test_a_continued_round_keeps_the_projection_head_banks_and_labor_heads(tmp_path):
+    """al.retrain=continue: the next round starts with the terms' trained state (projection
+    head, memory and confidence banks, LabOR's heads and their optimiser), not fresh ones."""
+    cfg = MethodConfig(lambda_contrastive=1.0, contrastive_threshold=0.0, projection_dim=8, labor_selector=True)
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    recipe = build_recipe(cfg, model, None, 255, seed=0)
+    recipe.losses(model, batch(), batch(seed=1), epoch=0)
+    optimizer = build_optimizer(torch.nn.ModuleList([model, *recipe.trainable_modules()]), TrainConfig())
+    save_training_state(tmp_path, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                        step=1, epoch=1, config={}, recipe_state=recipe.state_dict())
+    fresh_model = build_model("lraspp_mobilenet_v3_large", 4)
+    fresh = build_recipe(cfg, fresh_model, None, 255, seed=1)
+    fresh_optimizer = build_optimizer(torch.nn.ModuleList([fresh_model, *fresh.trainable_modules()]), TrainConfig())
+    continue_from(read_training_state(str(tmp_path / "checkpoint.pt")), fresh_model, fresh_optimizer, fresh)
+    labor, contrastive = recipe.terms
+    labor_next, contrastive_next = fresh.terms
+    assert torch.equal(contrastive_next.memory.counts(), contrastive.memory.counts())
+    assert torch.equal(contrastive_next.confidence.confidence, contrastive.confidence.confidence)
+    for a, b in zip(contrastive.module.parameters(), contrastive_next.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(labor.selector.heads.parameters(), labor_next.selector.heads.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -48,9 +48,9 @@ def test_mean_teacher_cold_start_then_all_terms():
     cold = recipe.losses(model, batch(), batch(seed=1), epoch=0)
     assert set(cold) == {"loss", "loss_x"}
     warm = recipe.losses(model, batch(), batch(seed=1), epoch=1)
-    assert {"loss_x", "loss_u", "loss_mix"} <= set(warm)
+    assert set(warm) == {"loss", "loss_x", "loss_mix"}  # S4AL: the mixed images are the unlabeled term
     assert torch.isfinite(warm["loss"]) and warm["loss"].requires_grad
-    expected = warm["loss_x"] + cfg.lambda_u * warm["loss_u"] + cfg.lambda_mix * warm["loss_mix"]
+    expected = warm["loss_x"] + cfg.lambda_mix * warm["loss_mix"]
     assert warm["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert len(recipe.buffer) == 2  # the unlabeled batch went into the replay buffer
 
@@ -100,3 +100,67 @@ def test_unknown_method_is_rejected_by_name():
 
     with pytest.raises(ConfigError, match="method.name"):
         load_config(overrides=["method.name=fixmatch"])
+
+
+def test_labor_probe_forward_leaves_the_model_and_the_random_stream_as_they_were():
+    """A supervised step with LabOR's selector (which reads unlabeled features) must change
+    the model exactly as the same step without it: same BatchNorm running statistics and
+    the same random stream afterwards (the old train-mode probe moved the statistics)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    probed = copy.deepcopy(model)
+    x, u = batch(), batch(seed=1)
+    torch.manual_seed(1)
+    SupervisedRecipe(model, MethodConfig()).losses(model, x, None, epoch=0)
+    plain_rng = torch.get_rng_state()
+    recipe = build_recipe(MethodConfig(labor_selector=True), probed, None, 255, seed=0)
+    torch.manual_seed(1)
+    out = recipe.losses(probed, x, u, epoch=0)
+    assert "labor_discrepancy" in out and probed.training
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    for (name, expected), (_, got) in zip(model.named_buffers(), probed.named_buffers(), strict=True):
+        assert torch.equal(expected, got), name
+
+
+def padded_batch(seed: int) -> dict:
+    """Unlabeled images whose left 16 columns are crop padding (valid False)."""
+    u = batch(seed=seed)
+    u["mask"].fill_(255)
+    u["valid"] = torch.ones(2, 32, 40, dtype=torch.bool)
+    u["valid"][..., :16] = False
+    return u
+
+
+def test_mean_teacher_learns_no_pseudo_label_on_padding_and_forwards_one_view_per_image():
+    """Balanced ClassMix with a replay buffer: crop padding never gets a pseudo label (also
+    after mixing), the student forwards B labeled + B mixed images, the buffer keeps the weak
+    views (not strong ones the teacher would re-label), and the teacher's BatchNorm statistics
+    come from its own forward of weak views, not from the student's strong/mixed batch."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    cfg = MethodConfig(name="mean_teacher", cold_start_epochs=0, classmix=True, replay_buffer=4)
+    recipe = build_recipe(cfg, model, torch.tensor([1000, 100, 10, 1]), 255, seed=0)
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(args[0].shape[0]), with_kwargs=True)
+    first, second = padded_batch(1), padded_batch(2)
+    expected_teacher = copy.deepcopy(recipe.teacher.model)
+    for module in expected_teacher.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.train()
+    with torch.no_grad():
+        expected_teacher(first["image"])  # one BatchNorm update on the weak views
+    _, outputs = recipe.compute(model, batch(), first, epoch=0)
+    recipe.after_step(model, step=0)
+    teacher_buffers = dict(recipe.teacher.model.named_buffers())
+    for name, value in expected_teacher.named_buffers():
+        assert torch.allclose(teacher_buffers[name], value, atol=1e-6), name
+    assert (outputs.pseudo_u[~first["valid"]] == 255).all()
+    stored, _ = recipe.buffer.sample(2)
+    assert sorted(stored.sum((1, 2, 3)).tolist()) == pytest.approx(sorted(first["image"].sum((1, 2, 3)).tolist()))
+    _, outputs = recipe.compute(model, batch(), second, epoch=0)  # sources from the buffer now
+    assert (outputs.pseudo_u[~second["valid"]] == 255).all()
+    assert sizes == [4, 4]  # 2 labeled + 2 mixed, no extra un-mixed or second mixed batch

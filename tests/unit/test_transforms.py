@@ -167,3 +167,11 @@ def test_eval_transform_converts_uint8_to_normalized_float():
 def test_bad_scale_range_is_rejected():
     with pytest.raises(ValueError, match="scale_range"):
         RandomScale((2.0, 1.0))
+
+
+def test_valid_marks_the_frame_and_not_the_crop_padding_of_an_unlabeled_image():
+    """An unlabeled frame's mask is all ignore, so only ``valid`` tells padding from content."""
+    sample = train_transform((40, 50), scale_range=(1.0, 1.0), hflip=False)(
+        to_raw_sample(np.zeros((30, 50, 3), np.uint8), np.full((30, 50), 255, np.uint8), "u"))
+    assert sample["valid"].dtype == torch.bool and int(sample["valid"].sum()) == 30 * 50
+    assert (sample["mask"] == 255).all()
