@@ -17,9 +17,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from segrl.acquisition.labor import ppl_points, select_ppl_images, spl_pixels
+from segrl.acquisition.labor import ppl_points, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
 from segrl.labeling import encode_label_png
+from segrl.loop.select import LabeledPixels, labor_images
 from segrl.storage import ArtifactStore
 
 CHUNK = 16
@@ -40,32 +41,25 @@ def scale_points(points: list[tuple[int, int, int]], small: tuple[int, int],
 
 def labor_rows(
     al: ALConfig, pool: pa.Table, scores: pa.Table, budget: int, labeled_mask: Callable[[str], np.ndarray | None],
-    labeled_pixels: dict[str, int], checkpoints: str, image_size: tuple[int, int], store: ArtifactStore,
+    labeled_pixels: LabeledPixels, checkpoints: str, image_size: tuple[int, int], store: ArtifactStore,
     masks_prefix: str, store_cfg: StoreConfig,
 ) -> list[dict]:
     """Selection rows for ``labor_spl`` (pixels, budget in pixels) or ``labor_ppl`` (points, clicks)."""
     from segrl.engine.score import decode_frames
     from segrl.scoring import PoolScorer, inspect_checkpoints
 
-    info = {i: (u, h, w) for i, u, h, w in zip(*(pool.column(c).to_pylist()
-                                                 for c in ("id", "image_uri", "height", "width")), strict=True)}
-    ids = scores.column("id").to_pylist()
-    counts = np.asarray(scores.column("disagree_pixels").to_pylist(), dtype=np.int64)
-    full = {i for i in ids if labeled_pixels.get(i, 0) >= info[i][1] * info[i][2]}
-    if al.acquisition == "labor_spl":
-        # most disagreement first; the last image's mask is cut to what is left of the budget
-        chosen = [ids[k] for k in np.lexsort((np.asarray(ids, dtype=object).astype(str), -counts))
-                  if counts[k] > 0 and ids[k] not in full]
-    else:
-        chosen = select_ppl_images(ids, counts, al.points_per_image, budget, exclude=full)
-    if not chosen:
+    chosen = labor_images(al, pool, scores, labeled_pixels, budget)
+    if not chosen.size:
         return []
     endpoint = store_cfg.endpoint_url or None
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
     rows, remaining = [], budget
     for start in range(0, len(chosen), CHUNK):  # decode only as many images as the budget needs
-        part = chosen[start : start + CHUNK]
+        rows_part = pa.array(chosen[start : start + CHUNK])
+        part = pool.column("id").take(rows_part).to_pylist()
+        info = dict(zip(part, zip(*(pool.column(c).take(rows_part).to_pylist()
+                                    for c in ("image_uri", "height", "width")), strict=True), strict=True))
         frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
                                          "shard": [0] * len(part), "row": list(range(len(part)))}),
                                image_size, endpoint)
