@@ -6,7 +6,7 @@ labeled-state index (``labels/index.parquet``), in a local store under /tmp. Eac
 runs in a fresh child process that reads the files the way ``ActiveLearningLoop._select``
 does (only the score columns selection needs; the regions file streamed by row group),
 selects, and writes ``selection.parquet``; its wall time and peak RSS
-(``ru_maxrss``) are the driver's cost of that selection step.
+(``VmHWM``) are the driver's cost of that selection step.
 
     python benchmarks/select_scale.py                  # small: 100k frames, 1M regions, seconds
     python benchmarks/select_scale.py --setting full   # 10M frames, 100M regions (~6 GB under /tmp)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -38,12 +39,14 @@ import pyarrow.parquet as pq
 
 from segrl.config import ALConfig
 from segrl.loop.select import (
+    IMAGE_SIGNAL,
+    POOL_COLUMNS,
     labor_images,
-    pool_areas,
+    pool_size,
     read_scores,
     round_budget,
-    select_region_rows,
-    select_whole_images,
+    select_image_step,
+    select_region_step,
 )
 from segrl.storage import ArtifactStore
 
@@ -146,43 +149,54 @@ def asked_mask(index: pa.Table):
     return mask
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. ``VmHWM`` rather than ``ru_maxrss``: after fork + exec
+    the latter starts from the parent's peak (here, the one that generated the data)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(mode: str, data: Path) -> dict:
     """One selection as the loop's select step runs it; in a fresh process (see main)."""
     al = MODES[mode]
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, pyarrow, segrl
+    imports_mb = peak_rss_mb()  # torch, pyarrow, segrl
     store = ArtifactStore(str(data))
     started = time.perf_counter()
-    with store.open_input("scores.parquet") as f:
-        scores = read_scores(f, al.class_balance)
-    pool = scores.select(["id", "image_uri", "height", "width", "row"])
-    budget = round_budget(al, int(pool_areas(pool).sum()), pool.num_rows)
     labeled = store.read_table("labels/index.parquet").select(["id", "requested_pixels"])
-    if al.acquisition.startswith("region"):
-        with store.open_input("regions.parquet") as f:
-            regions = pq.ParquetFile(f)
-            rows = regions.metadata.num_rows
-            table = select_region_rows(pool, regions, budget, asked_mask(labeled), labeled)
-        selected = table.num_rows
-        store.write_table("selection.parquet", table)
-    elif al.acquisition.startswith("labor"):
-        rows = pool.num_rows
-        selected = int(labor_images(al, pool, scores, labeled, budget).size)
+    with store.open_input("scores.parquet") as f:  # as ActiveLearningLoop._select and _acquire
+        scores = pq.ParquetFile(f)
+        pool_pixels, pool_images = pool_size(scores)
+        budget = round_budget(al, pool_pixels, pool_images)
+        rows = pool_images
+        if al.acquisition in IMAGE_SIGNAL or al.acquisition == "random":
+            table = select_image_step(al, scores, labeled, budget)
+        elif al.acquisition.startswith("region"):
+            with store.open_input("regions.parquet") as g:
+                regions = pq.ParquetFile(g)
+                rows = regions.metadata.num_rows
+                table = select_region_step(scores, regions, budget, asked_mask(labeled), labeled)
+        else:  # LabOR: labor_rows reads the pool's uris to decode the chosen frames
+            table = read_scores(scores, al)
+            pool = table.select([c for c in POOL_COLUMNS if c in table.column_names])
+    if al.acquisition.startswith("labor"):
+        selected = int(labor_images(al, pool, table, labeled, budget).size)
     else:
-        rows = pool.num_rows
-        table = select_whole_images(al, pool, scores, labeled, budget)
         selected = table.num_rows
         store.write_table("selection.parquet", table)
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"mode": mode, "rows": rows, "budget": budget, "selected": selected, "seconds": seconds,
             "peak_rss_mb": peak_mb, "imports_rss_mb": imports_mb, "met": seconds < TARGET_SECONDS and peak_mb < TARGET_MB}
 
 
-def table(results: list[dict], setting: str, frames: int) -> str:
+def table(results: list[dict], setting: str, frames: int, load: float) -> str:
     title = (f"Selection at pool scale, setting '{setting}': {frames:,} frames {HEIGHT}x{WIDTH}, "
              f"{frames * REGIONS_PER_FRAME:,} regions; target < {TARGET_SECONDS:.0f} s and "
              f"< {TARGET_MB:.0f} MB peak RSS per mode (a fresh process each; its imports alone: "
-             f"{max(r['imports_rss_mb'] for r in results):.0f} MB)")
+             f"{max(r['imports_rss_mb'] for r in results):.0f} MB); 1-min load average at the start "
+             f"{load:.1f} on {os.cpu_count()} cores (a shared machine: wall times include waiting)")
     header = ["| mode | rows | budget | selected | seconds | peak RSS MB | target met |",
               "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     body = [f"| {r['mode']} | {r['rows']:,} | {r['budget']:,} | {r['selected']:,} | {r['seconds']:.1f} | "
@@ -190,18 +204,7 @@ def table(results: list[dict], setting: str, frames: int) -> str:
     return "\n".join([title, "", *header, *body])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="small")
-    parser.add_argument("--data", default="", help="folder for the synthetic tables (default /tmp/...)")
-    parser.add_argument("--keep-data", action="store_true", help="do not delete the tables afterwards")
-    parser.add_argument("--measure", default="", help=argparse.SUPPRESS)  # child process: one mode
-    args = parser.parse_args()
-    frames = SETTINGS[args.setting]["frames"]
-    data = Path(args.data or f"/tmp/segrl_select_scale_{args.setting}")
-    if args.measure:
-        print(json.dumps(measure(args.measure, data)))
-        return
+def generate(data: Path, frames: int) -> None:
     rng = np.random.default_rng(0)
     (data / "labels").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -209,7 +212,24 @@ def main() -> None:
     write_regions(data / "regions.parquet", frames, rng)
     write_index(data / "labels" / "index.parquet", frames, rng)
     print(f"synthetic tables written in {time.perf_counter() - started:.0f} s under {data}", flush=True)
-    results = []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="small")
+    parser.add_argument("--data", default="", help="folder for the synthetic tables (default /tmp/...)")
+    parser.add_argument("--keep-data", action="store_true", help="do not delete the tables afterwards")
+    parser.add_argument("--reuse-data", action="store_true", help="measure on tables a --keep-data run left")
+    parser.add_argument("--measure", default="", help=argparse.SUPPRESS)  # child process: one mode
+    args = parser.parse_args()
+    frames = SETTINGS[args.setting]["frames"]
+    data = Path(args.data or f"/tmp/segrl_select_scale_{args.setting}")
+    if args.measure:
+        print(json.dumps(measure(args.measure, data)))
+        return
+    if not args.reuse_data:
+        generate(data, frames)
+    results, load = [], os.getloadavg()[0]
     try:
         for mode in MODES:
             child = subprocess.run([sys.executable, __file__, "--setting", args.setting, "--data", str(data),
@@ -219,11 +239,11 @@ def main() -> None:
     finally:
         if not args.keep_data:
             shutil.rmtree(data, ignore_errors=True)
-    text = table(results, args.setting, frames)
+    text = table(results, args.setting, frames, load)
     print("\n" + text)
     out = Path(__file__).resolve().parent / "results" / f"select_scale_{args.setting}"
     out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"setting": args.setting, "frames": frames,
+    out.with_suffix(".json").write_text(json.dumps({"setting": args.setting, "frames": frames, "load_average": load,
                                                     "results": results}, indent=2))
     print(f"\nresults: {out}.md, {out}.json")
 

@@ -269,15 +269,19 @@ class StreamingBestPrefix:
     ones, and how many depends on their sizes, not on a fixed ``k``. ``result()``
     equals a full sort by (score best first, key ascending) cut after the first item
     at which the running sum of weights reaches ``target`` (everything when it never
-    does). Each row carries ``payload`` columns (int64, n x p) along with it.
+    does). Each row carries ``payload`` columns (int64, n x p) along with it. With
+    ``keep_ties`` keys are ignored and the cut is extended over every row tied with its
+    last score, so the caller can order ties by something it cannot stream (e.g. string
+    ids) and rows behind the prefix are exactly those with a lower score.
     Memory: O(prefix + chunk); chunks are buffered and sorted only when the buffer
     outgrows the prefix, so the stream costs O(n log prefix).
     """
 
     min_buffer = 1 << 16  # rows buffered before the first sort
 
-    def __init__(self, target: int, payload_width: int) -> None:
+    def __init__(self, target: int, payload_width: int, keep_ties: bool = False) -> None:
         self.target = int(target)
+        self.keep_ties = keep_ties
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._kept = 0
@@ -292,7 +296,7 @@ class StreamingBestPrefix:
         if self._bound is not None:
             # Rows behind a full prefix's last row can never enter it.
             score, key = self._bound
-            ahead = (scores > score) | ((scores == score) & (keys < key))
+            ahead = (scores >= score) if self.keep_ties else (scores > score) | ((scores == score) & (keys < key))
             scores, keys, weights, payload = scores[ahead], keys[ahead], weights[ahead], payload[ahead]
         if scores.size == 0:
             return
@@ -306,7 +310,10 @@ class StreamingBestPrefix:
         order = np.lexsort((keys, -scores))
         reached = np.flatnonzero(np.cumsum(weights[order]) >= self.target)
         if reached.size:
-            order = order[: reached[0] + 1]
+            last = reached[0]
+            if self.keep_ties:  # rows sorted best first: the tied ones follow the cut
+                last = int(np.searchsorted(-scores[order], -scores[order[last]], side="right")) - 1
+            order = order[: last + 1]
             self._bound = (float(scores[order[-1]]), int(keys[order[-1]]))
         self._parts = [(scores[order], keys[order], weights[order], payload[order])]
         self._buffered = self._kept = order.size

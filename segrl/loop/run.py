@@ -53,13 +53,15 @@ from segrl.labeling import (
 from segrl.loop.report import miou_plot_png, rounds_table
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
+    POOL_COLUMNS,
     REGION_ACQUISITIONS,
     image_row,
     pool_areas,
+    pool_size,
     read_scores,
     round_budget,
-    select_region_rows,
-    select_whole_images,
+    select_image_step,
+    select_region_step,
 )
 
 STATE_FILE = "state.json"
@@ -207,7 +209,7 @@ class ActiveLearningLoop:
     def _scored_pool(self, r: int) -> pa.Table:
         """The round's scores, only the columns selection reads (pools have millions of rows)."""
         with self.store.open_input(f"{round_dir(r)}/scores.parquet") as f:
-            return read_scores(f, self.al.class_balance)
+            return read_scores(pq.ParquetFile(f), self.al)
 
     # ------------------------------------------------------------------ steps
 
@@ -216,12 +218,12 @@ class ActiveLearningLoop:
             table = _empty_or(self._initial_rows())
             budget = int(pc.sum(table.column("cost_pixels")).as_py() or 0)
         else:
-            scores = self._scored_pool(r - 1)
-            pool = scores.select([c for c in ("id", "image_uri", "height", "width", "row") if c in scores.column_names])
-            pool_pixels = int(pool_areas(pool).sum())
-            self.state["pool_pixels"] = pool_pixels
-            budget = round_budget(self.al, pool_pixels, pool.num_rows)
-            table = self._acquire(r, pool, scores, budget)
+            with self.store.open_input(f"{round_dir(r - 1)}/scores.parquet") as f:  # streamed: millions of rows
+                scores = pq.ParquetFile(f)
+                pool_pixels, pool_images = pool_size(scores)
+                self.state["pool_pixels"] = pool_pixels
+                budget = round_budget(self.al, pool_pixels, pool_images)
+                table = self._acquire(r, scores, budget)
             table = table if isinstance(table, pa.Table) else _empty_or(table)
         self.store.write_table(f"{round_dir(r)}/selection.parquet", table)
         return {"selected_images": int(pc.count_distinct(table.column("id")).as_py()), "budget": int(budget),
@@ -253,11 +255,15 @@ class ActiveLearningLoop:
             rows.append(image_row(image_id, uris[image_id], h, w, h * w))
         return rows
 
-    def _acquire(self, r: int, pool: pa.Table, scores: pa.Table, budget: int) -> list[dict]:
+    def _acquire(self, r: int, scores_file: pq.ParquetFile, budget: int) -> pa.Table | list[dict]:
         labeled = self._labeled_pixels()
+        if self.al.acquisition not in (*REGION_ACQUISITIONS, *LABOR_ACQUISITIONS):
+            return select_image_step(self.al, scores_file, labeled, budget)
         if self.al.acquisition in REGION_ACQUISITIONS:
             with self.store.open_input(f"{round_dir(r - 1)}/regions.parquet") as f:  # streamed: 10-20 rows a frame
-                return select_region_rows(pool, pq.ParquetFile(f), budget, self._labeled_mask, labeled)
+                return select_region_step(scores_file, pq.ParquetFile(f), budget, self._labeled_mask, labeled)
+        scores = read_scores(scores_file, self.al)
+        pool = scores.select([c for c in POOL_COLUMNS if c in scores.column_names])
         if self.al.acquisition in LABOR_ACQUISITIONS:
             from segrl.loop.labor import labor_rows
             from segrl.scoring import inspect_checkpoints, resolve_image_size
@@ -270,7 +276,6 @@ class ActiveLearningLoop:
             size = resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
             return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
                               self.store, f"{round_dir(r)}/masks", self.cfg.store)
-        return select_whole_images(self.al, pool, scores, labeled, budget)
 
     def _label(self, r: int) -> dict[str, Any] | None:
         selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))

@@ -57,16 +57,42 @@ def image_row(image_id: str, uri: str, height: int, width: int, cost: int) -> di
 
 # ---------------------------------------------------------------------- columns
 
-# What selection reads of scores.parquet: ids, sizes, the signals ("row" links regions.parquet to it).
-SCORE_COLUMNS = ("id", "image_uri", "height", "width", "row", "entropy_mean", "instability", "disagree_pixels")
+# What selection reads of scores.parquet besides ids and sizes ("row" links regions.parquet to it).
+POOL_COLUMNS = ("id", "image_uri", "height", "width", "row")
+SIGNAL_COLUMNS = {**IMAGE_SIGNAL, "labor_spl": "disagree_pixels", "labor_ppl": "disagree_pixels"}
 
 
-def read_scores(source, class_balance: bool) -> pa.Table:
-    """The columns of a scores Parquet file (path or open file) that selection reads: a
-    pool's other signals and its class histograms (unless balancing) stay on disk."""
-    names = pq.read_schema(source).names
-    wanted = [c for c in names if c in SCORE_COLUMNS or (c == "class_hist" and class_balance)]
-    return pq.read_table(source, columns=wanted)
+def read_scores(scores: pq.ParquetFile, al: ALConfig) -> pa.Table:
+    """The columns of a scores file that ``al``'s selection reads: at 10M frames every
+    other signal column would cost the driver ~80 MB."""
+    wanted = {*POOL_COLUMNS, SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
+    return scores.read(columns=[c for c in scores.schema_arrow.names if c in wanted])
+
+
+def pool_size(scores: pq.ParquetFile) -> tuple[int, int]:
+    """(pixels, images) of the scored pool, read one batch of sizes at a time."""
+    pixels = 0
+    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["height", "width"]):
+        pixels += int(pool_areas(pa.Table.from_batches([batch])).sum())
+    return pixels, scores.metadata.num_rows
+
+
+def take_rows(source: pq.ParquetFile, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """``rows`` (in their order) of a Parquet file's ``columns``, one row group at a time."""
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    parts, start = [], 0
+    for group in range(source.num_row_groups):
+        size = source.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(wanted, [start, start + size])
+        if hi > lo:
+            parts.append(source.read_row_group(group, columns=columns).take(pa.array(wanted[lo:hi] - start)))
+        start += size
+    schema = pa.schema([source.schema_arrow.field(c) for c in columns])
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    back = np.empty_like(order)
+    back[order] = np.arange(order.size)
+    return table.take(pa.array(back))
 
 
 def int_column(table: pa.Table, name: str) -> np.ndarray:
@@ -83,10 +109,10 @@ def id_ranks(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     Selectors break score ties by id; comparing these ranks gives the same order as
     comparing the strings, without making 10M Python strings.
     """
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     if len(ids) == 0:
         return np.empty(0, dtype=np.int64)
-    return pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
+    ranks = pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy()  # 1-based uint64
+    return np.subtract(ranks.view(np.int64), 1)  # one new array: 80 MB each at 10M frames
 
 
 def positions_in(ids: pa.ChunkedArray, table: pa.Table) -> np.ndarray:
@@ -100,7 +126,7 @@ def positions_in(ids: pa.ChunkedArray, table: pa.Table) -> np.ndarray:
 
 def aligned(table: pa.Table, positions: np.ndarray, column: str, missing: float) -> np.ndarray:
     """``column`` of ``table`` at ``positions`` (from :func:`positions_in`), ``missing`` at -1."""
-    values = table.column(column).to_numpy().astype(np.float64)
+    values = table.column(column).to_numpy().astype(np.float64, copy=False)
     out = np.full(positions.size, missing, dtype=np.float64)
     found = positions >= 0
     out[found] = values[positions[found]]
@@ -148,7 +174,8 @@ def selection_rows(pool: pa.Table, rows: np.ndarray, unit: str, boxes: np.ndarra
     columns = {
         "id": pool.column("id").take(take), "uri": pool.column("image_uri").take(take),
         "unit": pa.array(np.full(n, unit, dtype=object), pa.string()),
-        "height": pa.array(int_column(pool, "height")[rows]), "width": pa.array(int_column(pool, "width")[rows]),
+        "height": pool.column("height").take(take).cast(pa.int64()),
+        "width": pool.column("width").take(take).cast(pa.int64()),
         **{c: pa.array(boxes[:, k].astype(np.int64)) for k, c in enumerate(("y0", "x0", "y1", "x1"))},
         "mask_key": pa.array(np.full(n, "", dtype=object), pa.string()), "points": _empty_points(n),
         "cost_pixels": pa.array(costs.astype(np.int64)), "cost_clicks": pa.array(np.zeros(n, dtype=np.int64)),
@@ -168,8 +195,16 @@ def select_whole_images(
     fully labeled images are never candidates; images missing from ``scores`` (failed
     to score) rank last.
     """
-    area = pool_areas(pool)
-    remaining = area - requested_pixels(pool, labeled_pixels)
+    rows, costs = choose_whole_images(al, pool, scores, labeled_pixels, budget)
+    return image_selection(pool.take(pa.array(rows, pa.int64())), costs)
+
+
+def choose_whole_images(
+    al: ALConfig, pool: pa.Table, scores: pa.Table | None, labeled_pixels: LabeledPixels, budget: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_whole_images`'s choice: (pool rows in pick order, their costs). ``pool``
+    needs only id, height and width."""
+    remaining = pool_areas(pool) - requested_pixels(pool, labeled_pixels)
     candidates = np.flatnonzero(remaining > 0)
     ranks = id_ranks(pool.column("id"))
     if al.acquisition == "random":
@@ -181,9 +216,81 @@ def select_whole_images(
         chosen = select_images(ranks[candidates], signal[candidates], remaining[candidates], budget,
                                seed=al.seed, class_hist=hist, balance=al.class_balance)
     rows = chosen_positions(ranks, chosen)
-    heights, widths = int_column(pool, "height")[rows], int_column(pool, "width")[rows]
+    return rows, remaining[rows]
+
+
+def image_selection(chosen: pa.Table, costs: np.ndarray) -> pa.Table:
+    """Selection rows asking for the whole of each ``chosen`` image (id, image_uri, height, width)."""
+    heights, widths = int_column(chosen, "height"), int_column(chosen, "width")
     boxes = np.stack([np.zeros_like(heights), np.zeros_like(widths), heights, widths], axis=1)
-    return selection_rows(pool, rows, "image", boxes, remaining[rows])
+    return selection_rows(chosen, np.arange(chosen.num_rows), "image", boxes, costs)
+
+
+def select_image_step(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels, budget: int) -> pa.Table:
+    """The loop's whole-image selection from its scores file: streamed by row group for
+    entropy / instability, in memory (the needed columns only) for random and class balance,
+    which need every candidate at once."""
+    if al.acquisition in IMAGE_SIGNAL and not al.class_balance:
+        return select_top_images(al, scores, labeled_pixels, budget)
+    # The uris (~40 bytes a frame) stay on disk until the choice is made.
+    needed = {"id", "height", "width", SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
+    table = scores.read(columns=[c for c in scores.schema_arrow.names if c in needed])
+    rows, costs = choose_whole_images(al, table, table, labeled_pixels, budget)
+    del table  # the output's columns are read back for the chosen rows only
+    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+
+
+def select_top_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels, budget: int) -> pa.Table:
+    """:func:`select_whole_images` (entropy / instability, no class balance) over a scores
+    file in O(picks + batch) memory.
+
+    The greedy rule takes the best images while they fit, so one pass keeps the best-first
+    prefix whose cost exceeds the budget (all rows tied with its last score included); the
+    ids of that prefix alone are ranked for the id tie-break. When budget is left, a second
+    pass adds the later images cheap enough to fit it, and the rule runs again on both.
+    """
+    signal = IMAGE_SIGNAL[al.acquisition]
+    prefix = StreamingBestPrefix(budget + 1, payload_width=2, keep_ties=True)
+    for values, rows, costs in _image_batches(scores, signal, labeled_pixels):
+        prefix.push(values, rows, costs, np.column_stack([rows, costs]))
+    values, _, _, payload, bound = prefix.result()
+    chosen, left = _take_images(scores, values, payload, budget)
+    if left > 0 and bound is not None:
+        later_values, later_payload = _later_images(scores, signal, labeled_pixels, bound[0], left)
+        values, payload = np.concatenate([values, later_values]), np.concatenate([payload, later_payload])
+        chosen, left = _take_images(scores, values, payload, budget)
+    rows, costs = payload[chosen, 0], payload[chosen, 1]
+    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+
+
+def _image_batches(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels):
+    """(signal, file row, cost) of each batch's images that still have pixels to ask for."""
+    start = 0
+    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["id", "height", "width", signal]):
+        table = pa.Table.from_batches([batch])
+        costs = pool_areas(table) - requested_pixels(table, labeled_pixels)
+        keep = np.flatnonzero(costs > 0)
+        values = table.column(signal).to_numpy().astype(np.float64, copy=False)
+        yield values[keep], keep + start, costs[keep]
+        start += batch.num_rows
+
+
+def _later_images(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels, below: float, left: int):
+    """(signal, [row, cost]) of the images scored below ``below`` that cost <= ``left``."""
+    values, payload = [np.empty(0)], [np.empty((0, 2), dtype=np.int64)]
+    for batch_values, rows, costs in _image_batches(scores, signal, labeled_pixels):
+        keep = (batch_values < below) & (costs <= left)
+        values.append(batch_values[keep])
+        payload.append(np.column_stack([rows[keep], costs[keep]]))
+    return np.concatenate(values), np.concatenate(payload)
+
+
+def _take_images(scores: pq.ParquetFile, values: np.ndarray, payload: np.ndarray, budget: int):
+    """:func:`select_images` over candidate rows: (their positions in pick order, budget left)."""
+    ranks = id_ranks(take_rows(scores, payload[:, 0], ["id"]).column("id"))
+    picked = select_images(ranks, values, payload[:, 1], budget)
+    chosen = chosen_positions(ranks, picked)
+    return chosen, budget - int(payload[chosen, 1].sum())
 
 
 # ---------------------------------------------------------------------- regions
@@ -262,11 +369,35 @@ def _best_first(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.lexsort((keys, -scores))
 
 
+def select_region_step(scores: pq.ParquetFile, regions: pq.ParquetFile, budget: int,
+                       labeled_mask: LabeledMask, labeled_pixels: LabeledPixels) -> pa.Table:
+    """The loop's region selection from its scores and regions files: the pool's uris
+    (~40 bytes a frame) stay on disk until the regions are chosen."""
+    pool = scores.read(columns=[c for c in scores.schema_arrow.names if c in ("id", "height", "width", "row")])
+    rows, boxes, costs = choose_regions(pool, regions, budget, labeled_mask, labeled_pixels)
+    del pool
+    chosen = take_rows(scores, rows, ["id", "image_uri", "height", "width"])
+    return selection_rows(chosen, np.arange(rows.size), "region", boxes, costs)
+
+
 def select_region_rows(
     pool: pa.Table, regions: pa.Table | pq.ParquetFile, budget: int, labeled_mask: LabeledMask,
     labeled_pixels: LabeledPixels | None = None,
 ) -> pa.Table:
     """Region selection (S4AL / RIPU) over every image's candidate regions, as a selection table.
+
+    ``pool``: id, image_uri, height, width (and ``row``, which links it to scoring's
+    regions table without an id lookup). See :func:`choose_regions`.
+    """
+    rows, boxes, costs = choose_regions(pool, regions, budget, labeled_mask, labeled_pixels)
+    return selection_rows(pool, rows, "region", boxes, costs)
+
+
+def choose_regions(
+    pool: pa.Table, regions: pa.Table | pq.ParquetFile, budget: int, labeled_mask: LabeledMask,
+    labeled_pixels: LabeledPixels | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool rows, boxes n x 4, costs) of the regions chosen, in pick order.
 
     Same picks as :func:`segrl.acquisition.select_regions` over the whole table, in
     bounded memory: one streaming pass keeps the best-first prefix whose area covers
@@ -294,7 +425,7 @@ def select_region_rows(
         scores, keys, area, payload = (np.concatenate([a, b]) for a, b in zip((scores, keys, area, payload), tail, strict=True))
         costs = np.concatenate([costs, _costs_after_labels(pool, tail[3], tail[2], labeled, labeled_mask)])
         taken, left = _take(payload, costs, budget)
-    return selection_rows(pool, payload[taken, 0], "region", payload[taken, 1:5], costs[taken])
+    return payload[taken, 0], payload[taken, 1:5], costs[taken]
 
 
 def _take(payload: np.ndarray, costs: np.ndarray, budget: int) -> tuple[np.ndarray, int]:

@@ -115,6 +115,7 @@ def test_regions_match_the_reference_whatever_the_batching(seed: int, tmp_path, 
     pool, _, counts, masks = random_pool(rng, int(rng.integers(1, 25)))
     regions = random_regions(rng, pool, per_image=6)
     pq.write_table(regions, tmp_path / "regions.parquet", row_group_size=5)
+    pq.write_table(pool, tmp_path / "pool.parquet", row_group_size=int(rng.integers(1, 7)))
     monkeypatch.setattr(select, "BATCH_ROWS", int(rng.integers(1, 9)))
     monkeypatch.setattr(StreamingBestPrefix, "min_buffer", int(rng.integers(1, 6)))
     total = int(np.sum((regions.column("y1").to_numpy() - regions.column("y0").to_numpy())
@@ -126,6 +127,10 @@ def test_regions_match_the_reference_whatever_the_batching(seed: int, tmp_path, 
             got = select_region_rows(pool, source, budget, masks.get, labeled).to_pylist()
             assert [(r["id"], r["y0"], r["x0"], r["y1"], r["x1"], r["cost_pixels"]) for r in got] == want
             assert all(r["unit"] == "region" for r in got)
+        step = select.select_region_step(pq.ParquetFile(tmp_path / "pool.parquet"),
+                                         pq.ParquetFile(tmp_path / "regions.parquet"), budget, masks.get, counts)
+        assert [(r["id"], r["y0"], r["x0"], r["y1"], r["x1"], r["cost_pixels"]) for r in step.to_pylist()] == want
+        assert step.column("uri").to_pylist() == [f"/p/{i}.png" for i in step.column("id").to_pylist()]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -147,3 +152,29 @@ def test_labor_images_match_the_reference(seed: int, acquisition: str):
             want = select_ppl_images(ids, disagree, al.points_per_image, budget, exclude=full)
         got = labor_images(al, pool, scores, counts, budget)
         assert pool.column("id").take(pa.array(got, pa.int64())).to_pylist() == want
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("acquisition,balance", [("entropy", False), ("stability", False), ("entropy", True),
+                                                 ("random", False)])
+def test_the_streamed_image_step_matches_the_reference(seed: int, acquisition: str, balance: bool, tmp_path,
+                                                       monkeypatch):
+    rng = np.random.default_rng(seed)
+    pool, scores, counts, _ = random_pool(rng, int(rng.integers(1, 40)))
+    # the loop's pool is its scores table: images that failed to score are in neither
+    scored = pool.filter(pa.compute.is_in(pool.column("id"), value_set=scores.column("id")))
+    for name in scores.column_names[1:]:  # both in pool order
+        scored = scored.append_column(name, scores.column(name))
+    scores = scored
+    pq.write_table(scores, tmp_path / "scores.parquet", row_group_size=int(rng.integers(1, 7)))
+    monkeypatch.setattr(select, "BATCH_ROWS", int(rng.integers(1, 9)))
+    monkeypatch.setattr(StreamingBestPrefix, "min_buffer", int(rng.integers(1, 6)))
+    al = ALConfig(acquisition=acquisition, class_balance=balance, seed=seed)
+    source = pq.ParquetFile(tmp_path / "scores.parquet")
+    total, images = select.pool_size(source)
+    assert images == scores.num_rows
+    for budget in budgets(rng, total):
+        got = select.select_image_step(al, source, counts, budget)
+        assert [(r["id"], r["cost_pixels"]) for r in got.to_pylist()] == reference_whole_images(
+            al, scores, scores, counts, budget)
+        assert got.column("uri").to_pylist() == [f"/p/{i}.png" for i in got.column("id").to_pylist()]
