@@ -259,3 +259,130 @@ def select_regions(
         taken_boxes.setdefault(image_id, []).append(boxes[i])
         remaining -= cost
     return np.asarray(taken, dtype=np.int64), int(budget_pixels) - remaining
+
+
+class StreamingBestPrefix:
+    """The best-first prefix of a stream whose weights first add up to ``target``.
+
+    For region selection over a pool of 100M candidate rows read batch by batch: a
+    greedy budgeted pick examines candidates best first, so it needs the leading
+    ones, and how many depends on their sizes, not on a fixed ``k``. ``result()``
+    equals a full sort by (score best first, key ascending) cut after the first item
+    at which the running sum of weights reaches ``target`` (everything when it never
+    does). Each row carries ``payload`` columns (int64, n x p) along with it. With
+    ``keep_ties`` keys are ignored and the cut is extended over every row tied with its
+    last score, so the caller can order ties by something it cannot stream (e.g. string
+    ids) and rows behind the prefix are exactly those with a lower score.
+    Memory: O(prefix + chunk); chunks are buffered and sorted only when the buffer
+    outgrows the prefix, so the stream costs O(n log prefix).
+    """
+
+    min_buffer = 1 << 16  # rows buffered before the first sort
+
+    def __init__(self, target: int, payload_width: int, keep_ties: bool = False) -> None:
+        self.target = int(target)
+        self.keep_ties = keep_ties
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._kept = 0
+        self._bound: tuple[float, int] | None = None  # (score, key) of the prefix's last row
+        self._width = payload_width
+
+    def push(self, scores: np.ndarray, keys: np.ndarray, weights: np.ndarray, payload: np.ndarray) -> None:
+        scores = _check_scores(scores)
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        weights = np.asarray(weights, dtype=np.int64).reshape(-1)
+        payload = np.asarray(payload, dtype=np.int64).reshape(-1, self._width)
+        if self._bound is not None:
+            # Rows behind a full prefix's last row can never enter it.
+            score, key = self._bound
+            ahead = (scores >= score) if self.keep_ties else (scores > score) | ((scores == score) & (keys < key))
+            scores, keys, weights, payload = scores[ahead], keys[ahead], weights[ahead], payload[ahead]
+        if scores.size == 0:
+            return
+        self._parts.append((scores, keys, weights, payload))
+        self._buffered += scores.size
+        if self._buffered > 2 * max(self._kept, self.min_buffer):
+            self._compact()
+
+    def _compact(self) -> None:
+        scores, keys, weights, payload = (np.concatenate(c) for c in zip(*self._parts, strict=True))
+        order = np.lexsort((keys, -scores))
+        reached = np.flatnonzero(np.cumsum(weights[order]) >= self.target)
+        if reached.size:
+            last = reached[0]
+            if self.keep_ties:  # rows sorted best first: the tied ones follow the cut
+                last = int(np.searchsorted(-scores[order], -scores[order[last]], side="right")) - 1
+            order = order[: last + 1]
+            self._bound = (float(scores[order[-1]]), int(keys[order[-1]]))
+        self._parts = [(scores[order], keys[order], weights[order], payload[order])]
+        self._buffered = self._kept = order.size
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, int] | None]:
+        """``(scores, keys, weights, payload, bound)`` best first; ``bound`` is the (score, key)
+        of the prefix's last row when the target was reached, else None (every row is in)."""
+        if not self._parts:
+            empty = np.empty(0, dtype=np.int64)
+            return np.empty(0), empty, empty, np.empty((0, self._width), np.int64), None
+        self._compact()
+        scores, keys, weights, payload = self._parts[0]
+        return scores, keys, weights, payload, self._bound
+
+
+def _overlaps_earlier(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """For a best-first sequence: does item i overlap an earlier item of the same image?
+
+    images (n,) int, boxes (n x 4). Vectorised over one offset at a time inside each
+    image's group, so the cost is O(n x largest group), not O(n^2).
+    """
+    by_image = np.lexsort((np.arange(images.size), images))
+    grouped_images, grouped_boxes = images[by_image], boxes[by_image]
+    hit = np.zeros(images.size, dtype=bool)
+    start = np.searchsorted(grouped_images, grouped_images, side="left")
+    largest = int((np.arange(images.size) - start).max(initial=-1)) + 1
+    for d in range(1, largest):
+        later, earlier = grouped_boxes[d:], grouped_boxes[:-d]
+        same = grouped_images[d:] == grouped_images[:-d]
+        overlap = (np.minimum(later[:, 2], earlier[:, 2]) > np.maximum(later[:, 0], earlier[:, 0])) & (
+            np.minimum(later[:, 3], earlier[:, 3]) > np.maximum(later[:, 1], earlier[:, 1]))
+        hit[d:] |= same & overlap
+    out = np.zeros(images.size, dtype=bool)
+    out[by_image] = hit
+    return out
+
+
+def take_regions_in_order(
+    images: np.ndarray, boxes: np.ndarray, costs: np.ndarray, budget_pixels: int
+) -> tuple[np.ndarray, int]:
+    """:func:`select_regions`'s greedy rule over a sequence already in pick order.
+
+    images (n,) int image indices, boxes (n x 4), costs (n,) int > 0 (area minus pixels
+    already labeled). An item is skipped when it overlaps an item taken before it in the
+    same image or when its cost exceeds what is left. Items that overlap no earlier item
+    depend only on the budget, so runs of them go through :func:`_greedy_fit` at once;
+    only the others are decided one by one. Returns (positions taken in pick order,
+    pixels left).
+    """
+    dependent = np.flatnonzero(_overlaps_earlier(images, boxes))
+    watched = set(images[dependent].tolist())  # images whose taken boxes a later item must check
+    taken_boxes: dict[int, list[np.ndarray]] = {}
+    taken: list[np.ndarray] = []
+    remaining = int(budget_pixels)
+    start = 0
+    for stop in [*dependent.tolist(), images.size]:
+        if remaining == 0:
+            break
+        run = _greedy_fit(np.arange(start, stop), costs, remaining)
+        remaining -= int(costs[run].sum())
+        taken.append(run)
+        for i in run[np.isin(images[run], list(watched))].tolist() if watched else ():
+            taken_boxes.setdefault(int(images[i]), []).append(boxes[i])
+        if stop < images.size and 0 < costs[stop] <= remaining:
+            y0, x0, y1, x1 = boxes[stop]
+            if not any(min(y1, b[2]) > max(y0, b[0]) and min(x1, b[3]) > max(x0, b[1])
+                       for b in taken_boxes.get(int(images[stop]), ())):
+                taken.append(np.array([stop]))
+                taken_boxes.setdefault(int(images[stop]), []).append(boxes[stop])
+                remaining -= int(costs[stop])
+        start = stop + 1
+    return (np.concatenate(taken) if taken else np.empty(0, dtype=np.int64)), remaining

@@ -18,9 +18,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from segrl.acquisition.labor import ppl_points, select_ppl_images, spl_image_budgets, spl_pixels
+from segrl.acquisition.labor import ppl_points, spl_image_budgets, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
 from segrl.labeling import encode_label_png
+from segrl.loop.select import LabeledPixels, labor_images
 from segrl.storage import ArtifactStore
 
 CHUNK = 16
@@ -41,38 +42,34 @@ def scale_points(points: list[tuple[int, int, int]], small: tuple[int, int],
 
 def labor_rows(
     al: ALConfig, pool: pa.Table, scores: pa.Table, budget: int, labeled_mask: Callable[[str], np.ndarray | None],
-    labeled_pixels: dict[str, int], checkpoints: str, image_size: tuple[int, int], store: ArtifactStore,
+    labeled_pixels: LabeledPixels, checkpoints: str, image_size: tuple[int, int], store: ArtifactStore,
     masks_prefix: str, store_cfg: StoreConfig,
 ) -> list[dict]:
     """Selection rows for ``labor_spl`` (pixels, budget in pixels) or ``labor_ppl`` (points, clicks)."""
     from segrl.engine.score import decode_frames
     from segrl.scoring import PoolScorer, inspect_checkpoints
 
-    info = {i: (u, h, w) for i, u, h, w in zip(*(pool.column(c).to_pylist()
-                                                 for c in ("id", "image_uri", "height", "width")), strict=True)}
-    ids = scores.column("id").to_pylist()
-    counts = np.asarray(scores.column("disagree_pixels").to_pylist(), dtype=np.int64)
-    full = {i for i in ids if labeled_pixels.get(i, 0) >= info[i][1] * info[i][2]}
+    chosen, disagree = labor_images(al, pool, scores, labeled_pixels, budget)
     caps: dict[str, int] = {}
     if al.acquisition == "labor_spl":
         # every image with disagreement gets its mask, all shrunk together to the budget
-        chosen = [ids[k] for k in np.lexsort((np.asarray(ids, dtype=object).astype(str), -counts))
-                  if counts[k] > 0 and ids[k] not in full]
-        scale = [info[i][1] * info[i][2] / (image_size[0] * image_size[1]) for i in chosen]
-        count_of = dict(zip(ids, counts.tolist(), strict=True))
-        caps = dict(zip(chosen, spl_image_budgets([count_of[i] for i in chosen], scale, budget).tolist(),
-                        strict=True))
-        chosen = [i for i in chosen if caps[i] > 0]
-    else:
-        chosen = select_ppl_images(ids, counts, al.points_per_image, budget, exclude=full)
-    if not chosen:
+        rows_chosen = pa.array(chosen)
+        scale = (pool.column("height").take(rows_chosen).to_numpy() * pool.column("width").take(rows_chosen).to_numpy()
+                 / (image_size[0] * image_size[1]))
+        image_caps = spl_image_budgets(disagree, scale, budget)
+        caps = dict(zip(pool.column("id").take(rows_chosen).to_pylist(), image_caps.tolist(), strict=True))
+        chosen = chosen[image_caps > 0]
+    if not chosen.size:
         return []
     endpoint = store_cfg.endpoint_url or None
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
     rows, remaining = [], budget
     for start in range(0, len(chosen), CHUNK):  # decode only as many images as the budget needs
-        part = chosen[start : start + CHUNK]
+        rows_part = pa.array(chosen[start : start + CHUNK])
+        part = pool.column("id").take(rows_part).to_pylist()
+        info = dict(zip(part, zip(*(pool.column(c).take(rows_part).to_pylist()
+                                    for c in ("image_uri", "height", "width")), strict=True), strict=True))
         frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
                                          "shard": [0] * len(part), "row": list(range(len(part)))}),
                                image_size, endpoint)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
 from segrl.console import say
@@ -54,11 +55,15 @@ from segrl.labeling.tools import export_tools
 from segrl.loop.report import miou_plot_png, rounds_table
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
+    POOL_COLUMNS,
     REGION_ACQUISITIONS,
     image_row,
+    pool_areas,
+    pool_size,
+    read_scores,
     round_budget,
-    select_region_rows,
-    select_whole_images,
+    select_image_step,
+    select_region_step,
 )
 from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
@@ -192,10 +197,9 @@ class ActiveLearningLoop:
             return self.store.read_table(INDEX_FILE)
         return INDEX_SCHEMA.empty_table()
 
-    def _labeled_pixels(self) -> dict[str, int]:
-        """Pixels already asked for per image: what a new request must not charge again."""
-        index = self._index()
-        return dict(zip(index.column("id").to_pylist(), index.column("requested_pixels").to_pylist(), strict=True))
+    def _labeled_pixels(self) -> pa.Table:
+        """Pixels already asked for per image (id, requested_pixels): what a new request must not charge again."""
+        return self._index().select(["id", "requested_pixels"])
 
     def _labeled_mask(self, image_id: str) -> np.ndarray | None:
         from segrl.data.labels import decode_label
@@ -206,28 +210,28 @@ class ActiveLearningLoop:
         return decode_label(self.store.read_bytes(key), self.store.uri(key)) != 0
 
     def _scored_pool(self, r: int) -> pa.Table:
-        scores = self.store.read_table(f"{round_dir(r)}/scores.parquet")
-        return scores
+        """The round's scores, only the columns selection reads (pools have millions of rows)."""
+        with self.store.open_input(f"{round_dir(r)}/scores.parquet") as f:
+            return read_scores(pq.ParquetFile(f), self.al)
 
     # ------------------------------------------------------------------ steps
 
     def _select(self, r: int) -> dict[str, Any]:
         if r == 0:
-            rows = self._initial_rows()
-            budget = sum(row["cost_pixels"] for row in rows)
+            table = _empty_or(self._initial_rows())
+            budget = int(pc.sum(table.column("cost_pixels")).as_py() or 0)
         else:
-            scores = self._scored_pool(r - 1)
-            pool = scores.select(["id", "image_uri", "height", "width"])
-            pool_pixels = int(np.sum(np.asarray(pool.column("height").to_pylist()) *
-                                     np.asarray(pool.column("width").to_pylist())))
-            self.state["pool_pixels"] = pool_pixels
-            budget = round_budget(self.al, pool_pixels, pool.num_rows)
-            rows = self._acquire(r, pool, scores, budget)
-        table = _empty_or(rows)
+            with self.store.open_input(f"{round_dir(r - 1)}/scores.parquet") as f:  # streamed: millions of rows
+                scores = pq.ParquetFile(f)
+                pool_pixels, pool_images = pool_size(scores)
+                self.state["pool_pixels"] = pool_pixels
+                budget = round_budget(self.al, pool_pixels, pool_images)
+                table = self._acquire(r, scores, budget)
+            table = table if isinstance(table, pa.Table) else _empty_or(table)
         self.store.write_table(f"{round_dir(r)}/selection.parquet", table)
-        return {"selected_images": len({row["id"] for row in rows}), "budget": int(budget),
-                "cost_pixels": int(sum(row["cost_pixels"] for row in rows)),
-                "cost_clicks": int(sum(row["cost_clicks"] for row in rows))}
+        return {"selected_images": int(pc.count_distinct(table.column("id")).as_py()), "budget": int(budget),
+                "cost_pixels": int(pc.sum(table.column("cost_pixels")).as_py() or 0),
+                "cost_clicks": int(pc.sum(table.column("cost_clicks")).as_py() or 0)}
 
     def _initial_rows(self) -> list[dict]:
         from segrl.data.manifest import read_bytes
@@ -254,11 +258,15 @@ class ActiveLearningLoop:
             rows.append(image_row(image_id, uris[image_id], h, w, h * w))
         return rows
 
-    def _acquire(self, r: int, pool: pa.Table, scores: pa.Table, budget: int) -> list[dict]:
+    def _acquire(self, r: int, scores_file: pq.ParquetFile, budget: int) -> pa.Table | list[dict]:
         labeled = self._labeled_pixels()
+        if self.al.acquisition not in (*REGION_ACQUISITIONS, *LABOR_ACQUISITIONS):
+            return select_image_step(self.al, scores_file, labeled, budget)
         if self.al.acquisition in REGION_ACQUISITIONS:
-            regions = self.store.read_table(f"{round_dir(r - 1)}/regions.parquet")
-            return select_region_rows(pool, regions, budget, self._labeled_mask)
+            with self.store.open_input(f"{round_dir(r - 1)}/regions.parquet") as f:  # streamed: 10-20 rows a frame
+                return select_region_step(scores_file, pq.ParquetFile(f), budget, self._labeled_mask, labeled)
+        scores = read_scores(scores_file, self.al)
+        pool = scores.select([c for c in POOL_COLUMNS if c in scores.column_names])
         if self.al.acquisition in LABOR_ACQUISITIONS:
             from segrl.loop.labor import labor_rows
             from segrl.scoring import inspect_checkpoints, resolve_image_size
@@ -271,7 +279,6 @@ class ActiveLearningLoop:
             size = resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
             return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
                               self.store, f"{round_dir(r)}/masks", self.cfg.store)
-        return select_whole_images(self.al, pool, scores, labeled, budget)
 
     def _label(self, r: int) -> dict[str, Any] | None:
         selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))
@@ -422,9 +429,7 @@ class ActiveLearningLoop:
             labeled_pixels += int(log.get(f"{r:02d}/select", {}).get("cost_pixels", 0))
             metrics = self.store.read_json(f"{round_dir(r)}/model/metrics.json")
             if pool_pixels is None and self.store.exists(f"{round_dir(r)}/scores.parquet"):
-                scores = self._scored_pool(r)
-                pool_pixels = int(np.sum(np.asarray(scores.column("height").to_pylist()) *
-                                         np.asarray(scores.column("width").to_pylist())))
+                pool_pixels = int(pool_areas(self._scored_pool(r)).sum())
             images = self._labeled_images_after(r)
             row = {
                 "round": r, "labeled_images": images, "labeled_pixels": labeled_pixels, "clicks": clicks,

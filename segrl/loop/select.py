@@ -4,23 +4,39 @@ Everything here is plain Python over Arrow tables and numpy arrays (no Ray, no m
 so the rules (budget in pixels or clicks, no pixel charged twice, determinism) are
 unit-tested directly. LabOR's pixel masks and points need the model, and are computed
 in :mod:`segrl.loop.labor` for the images chosen here.
+
+Pools hold millions of frames and regions tables 10-20 rows per frame, so nothing
+here turns a whole column into Python objects: columns go to numpy, ids are compared
+through their sort rank (:func:`id_ranks`), a region table is streamed batch by batch
+and cut to its best-first prefix, and only the chosen rows become selection rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from segrl.acquisition import select_images, select_random, select_regions
+from segrl.acquisition import select_images, select_ppl_images, select_random
+from segrl.acquisition.selectors import StreamingBestPrefix, take_regions_in_order
 from segrl.config import ALConfig
+from segrl.labeling import SELECTION_SCHEMA
 
 IMAGE_SIGNAL = {"entropy": "entropy_mean", "stability": "instability"}
 REGION_ACQUISITIONS = ("region_entropy", "region_impurity")
 LABOR_ACQUISITIONS = ("labor_spl", "labor_ppl")
+REGION_COLUMNS = ("id", "y0", "x0", "y1", "x1", "score")
+BATCH_ROWS = 1 << 20
+# The region prefix is cut at this many times the budget in area, so that skipped
+# regions (overlaps, labeled pixels) rarely force the second pass over the table.
+PREFIX_SLACK = 1.25
 
 LabeledMask = Callable[[str], "np.ndarray | None"]
+# Pixels already asked for per image: a mapping id -> count, or a table (id, requested_pixels).
+LabeledPixels = Mapping[str, int] | pa.Table
 
 
 def round_budget(al: ALConfig, pool_pixels: int, pool_images: int) -> int:
@@ -39,66 +55,423 @@ def image_row(image_id: str, uri: str, height: int, width: int, cost: int) -> di
             "cost_pixels": cost, "cost_clicks": 0}
 
 
+# ---------------------------------------------------------------------- columns
+
+# What selection reads of scores.parquet besides ids and sizes ("row" links regions.parquet to it).
+POOL_COLUMNS = ("id", "image_uri", "height", "width", "row")
+SIGNAL_COLUMNS = {**IMAGE_SIGNAL, "labor_spl": "disagree_pixels", "labor_ppl": "disagree_pixels"}
+
+
+def read_scores(scores: pq.ParquetFile, al: ALConfig) -> pa.Table:
+    """The columns of a scores file that ``al``'s selection reads: at 10M frames every
+    other signal column would cost the driver ~80 MB."""
+    wanted = {*POOL_COLUMNS, SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
+    return scores.read(columns=[c for c in scores.schema_arrow.names if c in wanted])
+
+
+def pool_size(scores: pq.ParquetFile) -> tuple[int, int]:
+    """(pixels, images) of the scored pool, read one batch of sizes at a time."""
+    pixels = 0
+    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["height", "width"]):
+        pixels += int(pool_areas(pa.Table.from_batches([batch])).sum())
+    return pixels, scores.metadata.num_rows
+
+
+def take_rows(source: pq.ParquetFile, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """``rows`` (in their order) of a Parquet file's ``columns``, one row group at a time."""
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    parts, start = [], 0
+    for group in range(source.num_row_groups):
+        size = source.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(wanted, [start, start + size])
+        if hi > lo:
+            parts.append(source.read_row_group(group, columns=columns).take(pa.array(wanted[lo:hi] - start)))
+        start += size
+    schema = pa.schema([source.schema_arrow.field(c) for c in columns])
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    back = np.empty_like(order)
+    back[order] = np.arange(order.size)
+    return table.take(pa.array(back))
+
+
+def int_column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy().astype(np.int64, copy=False)
+
+
+def pool_areas(pool: pa.Table) -> np.ndarray:
+    return int_column(pool, "height") * int_column(pool, "width")
+
+
+def id_ranks(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Each id's position in ascending id order (ties by position), int64.
+
+    Selectors break score ties by id; comparing these ranks gives the same order as
+    comparing the strings, without making 10M Python strings.
+    """
+    if len(ids) == 0:
+        return np.empty(0, dtype=np.int64)
+    ranks = pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy()  # 1-based uint64
+    return np.subtract(ranks.view(np.int64), 1)  # one new array: 80 MB each at 10M frames
+
+
+def positions_in(ids: pa.ChunkedArray, table: pa.Table) -> np.ndarray:
+    """Row of each id in ``table`` (its first), -1 where absent."""
+    table_ids = table.column("id")
+    if table_ids.equals(ids):  # the loop's pool is its scores table: no lookup needed
+        return np.arange(len(ids), dtype=np.int64)
+    found = pc.index_in(ids, value_set=table_ids.combine_chunks().cast(ids.type))
+    return found.fill_null(-1).to_numpy().astype(np.int64)
+
+
+def aligned(table: pa.Table, positions: np.ndarray, column: str, missing: float) -> np.ndarray:
+    """``column`` of ``table`` at ``positions`` (from :func:`positions_in`), ``missing`` at -1."""
+    values = table.column(column).to_numpy().astype(np.float64, copy=False)
+    out = np.full(positions.size, missing, dtype=np.float64)
+    found = positions >= 0
+    out[found] = values[positions[found]]
+    return out
+
+
+def aligned_hist(table: pa.Table, positions: np.ndarray) -> np.ndarray:
+    """``class_hist`` (N x C) at ``positions``; zeros for images that failed to score."""
+    column = table.column("class_hist").combine_chunks()
+    classes = len(column[0]) if len(column) else 0
+    hist = pc.list_flatten(column).to_numpy().astype(np.int64).reshape(len(column), classes)
+    out = np.zeros((positions.size, classes), dtype=np.int64)
+    found = positions >= 0
+    out[found] = hist[positions[found]]
+    return out
+
+
+def requested_pixels(pool: pa.Table, labeled_pixels: LabeledPixels) -> np.ndarray:
+    """Pixels already asked for in each pool image (0 if none), int64."""
+    if not isinstance(labeled_pixels, pa.Table):
+        labeled_pixels = pa.table({"id": pa.array(list(labeled_pixels), pa.string()),
+                                   "requested_pixels": pa.array(list(labeled_pixels.values()), pa.int64())})
+    if labeled_pixels.num_rows == 0:
+        return np.zeros(pool.num_rows, dtype=np.int64)
+    return aligned(labeled_pixels, positions_in(pool.column("id"), labeled_pixels),
+                   "requested_pixels", 0).astype(np.int64)
+
+
+def chosen_positions(ranks: np.ndarray, chosen_ranks: list) -> np.ndarray:
+    """Pool rows of the ranks a selector returned, in pick order."""
+    row_of_rank = np.empty(ranks.size, dtype=np.int64)
+    row_of_rank[ranks] = np.arange(ranks.size)
+    return row_of_rank[np.asarray(chosen_ranks, dtype=np.int64)]
+
+
+def _empty_points(n: int) -> pa.Array:
+    offsets = pa.array(np.zeros(n + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array([], pa.list_(pa.int64())))
+
+
+def selection_rows(pool: pa.Table, rows: np.ndarray, unit: str, boxes: np.ndarray, costs: np.ndarray) -> pa.Table:
+    """Selection table (:data:`SELECTION_SCHEMA`) for pool ``rows`` asking for ``boxes`` (n x 4)."""
+    take = pa.array(rows, pa.int64())
+    n = rows.size
+    columns = {
+        "id": pool.column("id").take(take), "uri": pool.column("image_uri").take(take),
+        "unit": pa.array(np.full(n, unit, dtype=object), pa.string()),
+        "height": pool.column("height").take(take).cast(pa.int64()),
+        "width": pool.column("width").take(take).cast(pa.int64()),
+        **{c: pa.array(boxes[:, k].astype(np.int64)) for k, c in enumerate(("y0", "x0", "y1", "x1"))},
+        "mask_key": pa.array(np.full(n, "", dtype=object), pa.string()), "points": _empty_points(n),
+        "cost_pixels": pa.array(costs.astype(np.int64)), "cost_clicks": pa.array(np.zeros(n, dtype=np.int64)),
+    }
+    return pa.Table.from_pydict({c: columns[c] for c in SELECTION_SCHEMA.names}, schema=SELECTION_SCHEMA)
+
+
+# ---------------------------------------------------------------------- whole images
+
+
 def select_whole_images(
-    al: ALConfig, pool: pa.Table, scores: pa.Table | None, labeled_pixels: dict[str, int], budget: int,
-) -> list[dict]:
-    """Random, entropy (STAL) or instability (ST++) image selection.
+    al: ALConfig, pool: pa.Table, scores: pa.Table | None, labeled_pixels: LabeledPixels, budget: int,
+) -> pa.Table:
+    """Random, entropy (STAL) or instability (ST++) image selection, as a selection table.
 
     ``pool``: id, image_uri, height, width. An image costs its pixels not labeled yet;
-    fully labeled images are never candidates.
+    fully labeled images are never candidates; images missing from ``scores`` (failed
+    to score) rank last.
     """
-    ids = np.asarray(pool.column("id").to_pylist(), dtype=object)
-    area = np.asarray(pool.column("height").to_pylist()) * np.asarray(pool.column("width").to_pylist())
-    done = np.asarray([labeled_pixels.get(i, 0) for i in ids])
-    remaining = area - done
-    exclude = set(ids[remaining <= 0].tolist())
-    costs = np.where(remaining > 0, remaining, area)  # excluded anyway; selectors want costs > 0
+    rows, costs = choose_whole_images(al, pool, scores, labeled_pixels, budget)
+    return image_selection(pool.take(pa.array(rows, pa.int64())), costs)
+
+
+def choose_whole_images(
+    al: ALConfig, pool: pa.Table, scores: pa.Table | None, labeled_pixels: LabeledPixels, budget: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_whole_images`'s choice: (pool rows in pick order, their costs). ``pool``
+    needs only id, height and width."""
+    remaining = pool_areas(pool) - requested_pixels(pool, labeled_pixels)
+    candidates = np.flatnonzero(remaining > 0)
+    ranks = id_ranks(pool.column("id"))
     if al.acquisition == "random":
-        chosen = select_random(ids, costs, budget, exclude=exclude, seed=al.seed)
+        chosen = select_random(ranks[candidates], remaining[candidates], budget, seed=al.seed)
     else:
-        signal = _aligned(scores, ids, IMAGE_SIGNAL[al.acquisition])
-        hist = None
-        if al.class_balance:
-            hist = np.asarray(_aligned_list(scores, ids, "class_hist"))
-        chosen = select_images(ids, signal, costs, budget, exclude=exclude, seed=al.seed,
-                               class_hist=hist, balance=al.class_balance)
-    position = {image_id: i for i, image_id in enumerate(ids.tolist())}
-    uris, heights, widths = (pool.column(c).to_pylist() for c in ("image_uri", "height", "width"))
-    return [image_row(i, uris[position[i]], heights[position[i]], widths[position[i]],
-                      int(remaining[position[i]])) for i in chosen]
+        positions = positions_in(pool.column("id"), scores)
+        signal = aligned(scores, positions, IMAGE_SIGNAL[al.acquisition], -np.inf)
+        hist = aligned_hist(scores, positions)[candidates] if al.class_balance else None
+        chosen = select_images(ranks[candidates], signal[candidates], remaining[candidates], budget,
+                               seed=al.seed, class_hist=hist, balance=al.class_balance)
+    rows = chosen_positions(ranks, chosen)
+    return rows, remaining[rows]
+
+
+def image_selection(chosen: pa.Table, costs: np.ndarray) -> pa.Table:
+    """Selection rows asking for the whole of each ``chosen`` image (id, image_uri, height, width)."""
+    heights, widths = int_column(chosen, "height"), int_column(chosen, "width")
+    boxes = np.stack([np.zeros_like(heights), np.zeros_like(widths), heights, widths], axis=1)
+    return selection_rows(chosen, np.arange(chosen.num_rows), "image", boxes, costs)
+
+
+def select_image_step(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels, budget: int) -> pa.Table:
+    """The loop's whole-image selection from its scores file: streamed by row group for
+    entropy / instability, in memory (the needed columns only) for random and class balance,
+    which need every candidate at once."""
+    if al.acquisition in IMAGE_SIGNAL and not al.class_balance:
+        return select_top_images(al, scores, labeled_pixels, budget)
+    # The uris (~40 bytes a frame) stay on disk until the choice is made.
+    needed = {"id", "height", "width", SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
+    table = scores.read(columns=[c for c in scores.schema_arrow.names if c in needed])
+    rows, costs = choose_whole_images(al, table, table, labeled_pixels, budget)
+    del table  # the output's columns are read back for the chosen rows only
+    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+
+
+def select_top_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels, budget: int) -> pa.Table:
+    """:func:`select_whole_images` (entropy / instability, no class balance) over a scores
+    file in O(picks + batch) memory.
+
+    The greedy rule takes the best images while they fit, so one pass keeps the best-first
+    prefix whose cost exceeds the budget (all rows tied with its last score included); the
+    ids of that prefix alone are ranked for the id tie-break. When budget is left, a second
+    pass adds the later images cheap enough to fit it, and the rule runs again on both.
+    """
+    signal = IMAGE_SIGNAL[al.acquisition]
+    prefix = StreamingBestPrefix(budget + 1, payload_width=2, keep_ties=True)
+    for values, rows, costs in _image_batches(scores, signal, labeled_pixels):
+        prefix.push(values, rows, costs, np.column_stack([rows, costs]))
+    values, _, _, payload, bound = prefix.result()
+    chosen, left = _take_images(scores, values, payload, budget)
+    if left > 0 and bound is not None:
+        later_values, later_payload = _later_images(scores, signal, labeled_pixels, bound[0], left)
+        values, payload = np.concatenate([values, later_values]), np.concatenate([payload, later_payload])
+        chosen, left = _take_images(scores, values, payload, budget)
+    rows, costs = payload[chosen, 0], payload[chosen, 1]
+    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+
+
+def _image_batches(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels):
+    """(signal, file row, cost) of each batch's images that still have pixels to ask for."""
+    start = 0
+    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["id", "height", "width", signal]):
+        table = pa.Table.from_batches([batch])
+        costs = pool_areas(table) - requested_pixels(table, labeled_pixels)
+        keep = np.flatnonzero(costs > 0)
+        values = table.column(signal).to_numpy().astype(np.float64, copy=False)
+        yield values[keep], keep + start, costs[keep]
+        start += batch.num_rows
+
+
+def _later_images(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels, below: float, left: int):
+    """(signal, [row, cost]) of the images scored below ``below`` that cost <= ``left``."""
+    values, payload = [np.empty(0)], [np.empty((0, 2), dtype=np.int64)]
+    for batch_values, rows, costs in _image_batches(scores, signal, labeled_pixels):
+        keep = (batch_values < below) & (costs <= left)
+        values.append(batch_values[keep])
+        payload.append(np.column_stack([rows[keep], costs[keep]]))
+    return np.concatenate(values), np.concatenate(payload)
+
+
+def _take_images(scores: pq.ParquetFile, values: np.ndarray, payload: np.ndarray, budget: int):
+    """:func:`select_images` over candidate rows: (their positions in pick order, budget left)."""
+    ranks = id_ranks(take_rows(scores, payload[:, 0], ["id"]).column("id"))
+    picked = select_images(ranks, values, payload[:, 1], budget)
+    chosen = chosen_positions(ranks, picked)
+    return chosen, budget - int(payload[chosen, 1].sum())
+
+
+# ---------------------------------------------------------------------- regions
+
+
+def region_batches(regions: pa.Table | pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+    """The region rows batch by batch: a Parquet file is read one batch at a time."""
+    columns = [c for c in (*REGION_COLUMNS, "row") if c in regions.schema.names]
+    if isinstance(regions, pq.ParquetFile):
+        yield from regions.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    else:
+        yield from regions.select(columns).to_batches(max_chunksize=BATCH_ROWS)
+
+
+class RegionImages:
+    """Maps region rows to pool rows: through the scoring ``row`` column when both tables
+    have it (numpy only), else by id lookup (fine for small tables)."""
+
+    def __init__(self, pool: pa.Table, regions_schema: pa.Schema) -> None:
+        self.pool = pool
+        self.by_row = None
+        if "row" in pool.column_names and "row" in regions_schema.names and pool.num_rows:
+            pool_rows = int_column(pool, "row")
+            self.by_row = np.full(int(pool_rows.max()) + 1, -1, dtype=np.int64)
+            self.by_row[pool_rows] = np.arange(pool.num_rows)
+
+    def __call__(self, batch: pa.RecordBatch) -> np.ndarray:
+        if self.by_row is None:
+            return positions_in(pa.chunked_array([batch.column("id")]), self.pool)
+        rows = batch.column("row").to_numpy().astype(np.int64)
+        inside = rows < self.by_row.size
+        return np.where(inside, self.by_row[np.minimum(rows, self.by_row.size - 1)], -1)
+
+
+def _region_arrays(batch: pa.RecordBatch, images: np.ndarray, ranks: np.ndarray, offset: int, total: int):
+    """(scores, keys, areas, payload=[image, y0, x0, y1, x1]) of a batch's usable rows.
+
+    key = image id rank x total + row position: the (image id, position) tie-break of
+    :func:`segrl.acquisition.select_regions` as one int64.
+    """
+    boxes = np.stack([batch.column(c).to_numpy().astype(np.int64) for c in ("y0", "x0", "y1", "x1")], axis=1)
+    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError("boxes must be (y0, x0, y1, x1) with y1 >= y0 and x1 >= x0")
+    scores = batch.column("score").to_numpy().astype(np.float64)
+    position = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = (images >= 0) & (area > 0)  # a region of no pixels costs 0 and is never taken
+    image = images[keep]
+    keys = ranks[image] * total + position[keep]
+    payload = np.column_stack([image, boxes[keep]])
+    return scores[keep], keys, area[keep], payload
+
+
+def _costs_after_labels(pool: pa.Table, payload: np.ndarray, area: np.ndarray, labeled: np.ndarray,
+                        labeled_mask: LabeledMask) -> np.ndarray:
+    """Area minus pixels already asked for inside each region, reading each labeled image's mask once."""
+    costs = area.copy()
+    need = np.flatnonzero(labeled[payload[:, 0]])
+    if need.size == 0:
+        return costs
+    order = need[np.argsort(payload[need, 0], kind="stable")]
+    images = payload[order, 0]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    ids = pool.column("id").take(pa.array(images[starts])).to_pylist()
+    for image_id, group in zip(ids, np.split(order, starts[1:]), strict=True):
+        mask = labeled_mask(image_id)
+        if mask is None:
+            continue
+        for k in group.tolist():
+            y0, x0, y1, x1 = payload[k, 1:5]
+            costs[k] -= int(np.count_nonzero(mask[y0:y1, x0:x1]))
+    return costs
+
+
+def _best_first(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return np.lexsort((keys, -scores))
+
+
+def select_region_step(scores: pq.ParquetFile, regions: pq.ParquetFile, budget: int,
+                       labeled_mask: LabeledMask, labeled_pixels: LabeledPixels) -> pa.Table:
+    """The loop's region selection from its scores and regions files: the pool's uris
+    (~40 bytes a frame) stay on disk until the regions are chosen."""
+    pool = scores.read(columns=[c for c in scores.schema_arrow.names if c in ("id", "height", "width", "row")])
+    rows, boxes, costs = choose_regions(pool, regions, budget, labeled_mask, labeled_pixels)
+    del pool
+    chosen = take_rows(scores, rows, ["id", "image_uri", "height", "width"])
+    return selection_rows(chosen, np.arange(rows.size), "region", boxes, costs)
 
 
 def select_region_rows(
-    pool: pa.Table, regions: pa.Table, budget: int, labeled_mask: LabeledMask,
-) -> list[dict]:
-    """Region selection (S4AL / RIPU) over every image's candidate regions."""
-    ids = np.asarray(regions.column("id").to_pylist(), dtype=object)
-    boxes = np.stack([np.asarray(regions.column(c).to_pylist(), dtype=np.int64)
-                      for c in ("y0", "x0", "y1", "x1")], axis=1) if len(ids) else np.zeros((0, 4), np.int64)
-    scores = np.asarray(regions.column("score").to_pylist(), dtype=np.float64)
-    picked, _ = select_regions(ids, boxes, scores, budget, labeled_pixels=labeled_mask)
-    info = {i: (u, h, w) for i, u, h, w in zip(*(pool.column(c).to_pylist()
-                                                 for c in ("id", "image_uri", "height", "width")), strict=True)}
-    rows = []
-    for k in picked.tolist():
-        image_id = ids[k]
-        y0, x0, y1, x1 = (int(v) for v in boxes[k])
-        mask = labeled_mask(image_id)
-        cost = (y1 - y0) * (x1 - x0) - (int(np.count_nonzero(mask[y0:y1, x0:x1])) if mask is not None else 0)
-        uri, h, w = info[image_id]
-        rows.append({"id": image_id, "uri": uri, "unit": "region", "height": h, "width": w,
-                     "y0": y0, "x0": x0, "y1": y1, "x1": x1, "mask_key": "", "points": [],
-                     "cost_pixels": cost, "cost_clicks": 0})
-    return rows
+    pool: pa.Table, regions: pa.Table | pq.ParquetFile, budget: int, labeled_mask: LabeledMask,
+    labeled_pixels: LabeledPixels | None = None,
+) -> pa.Table:
+    """Region selection (S4AL / RIPU) over every image's candidate regions, as a selection table.
+
+    ``pool``: id, image_uri, height, width (and ``row``, which links it to scoring's
+    regions table without an id lookup). See :func:`choose_regions`.
+    """
+    rows, boxes, costs = choose_regions(pool, regions, budget, labeled_mask, labeled_pixels)
+    return selection_rows(pool, rows, "region", boxes, costs)
 
 
-def _aligned(scores: pa.Table, ids: np.ndarray, column: str) -> np.ndarray:
-    """``column`` of ``scores`` in the order of ``ids``; images that failed to score get -inf."""
-    lookup = dict(zip(scores.column("id").to_pylist(), scores.column(column).to_pylist(), strict=True))
-    return np.asarray([lookup.get(i, -np.inf) for i in ids], dtype=np.float64)
+def choose_regions(
+    pool: pa.Table, regions: pa.Table | pq.ParquetFile, budget: int, labeled_mask: LabeledMask,
+    labeled_pixels: LabeledPixels | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool rows, boxes n x 4, costs) of the regions chosen, in pick order.
+
+    Same picks as :func:`segrl.acquisition.select_regions` over the whole table, in
+    bounded memory: one streaming pass keeps the best-first prefix whose area covers
+    the budget (with slack), the greedy rule runs on it, and only when budget is left
+    does a second pass fetch the later rows that could still fit it. ``labeled_pixels``
+    (per-image counts consistent with ``labeled_mask``) says which images need a mask
+    read and bounds that second pass; without it every image's mask is asked for.
+    """
+    ranks = id_ranks(pool.column("id"))
+    # Without counts, any image may have every pixel asked for already.
+    requested = pool_areas(pool) if labeled_pixels is None else requested_pixels(pool, labeled_pixels)
+    labeled = requested > 0
+    total = regions.metadata.num_rows if isinstance(regions, pq.ParquetFile) else regions.num_rows
+    to_images = RegionImages(pool, regions.schema_arrow if isinstance(regions, pq.ParquetFile) else regions.schema)
+    prefix = StreamingBestPrefix(int(budget * PREFIX_SLACK) + 1, payload_width=5)
+    offset = 0
+    for batch in region_batches(regions):
+        prefix.push(*_region_arrays(batch, to_images(batch), ranks, offset, total))
+        offset += batch.num_rows
+    scores, keys, area, payload, bound = prefix.result()
+    costs = _costs_after_labels(pool, payload, area, labeled, labeled_mask)
+    taken, left = _take(payload, costs, budget)
+    if left > 0 and bound is not None:
+        tail = _later_rows_that_may_fit(regions, to_images, ranks, total, bound, left, requested)
+        scores, keys, area, payload = (np.concatenate([a, b]) for a, b in zip((scores, keys, area, payload), tail, strict=True))
+        costs = np.concatenate([costs, _costs_after_labels(pool, tail[3], tail[2], labeled, labeled_mask)])
+        taken, left = _take(payload, costs, budget)
+    return payload[taken, 0], payload[taken, 1:5], costs[taken]
 
 
-def _aligned_list(scores: pa.Table, ids: np.ndarray, column: str) -> list:
-    lookup = dict(zip(scores.column("id").to_pylist(), scores.column(column).to_pylist(), strict=True))
-    width = len(next(iter(lookup.values()))) if lookup else 0
-    return [lookup.get(i, [0] * width) for i in ids]
+def _take(payload: np.ndarray, costs: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+    """Greedy pick over a best-first sequence; zero-cost regions (all asked already) never count."""
+    useful = np.flatnonzero(costs > 0)
+    taken, left = take_regions_in_order(payload[useful, 0], payload[useful, 1:5], costs[useful], budget)
+    return useful[taken], left
+
+
+def _later_rows_that_may_fit(regions, to_images, ranks, total, bound, left, requested):
+    """Rows behind the prefix whose cost can still be <= ``left``: area minus the image's
+    asked pixels is a lower bound of the cost. Returned best first."""
+    score, key = bound
+    parts = []
+    offset = 0
+    for batch in region_batches(regions):
+        scores, keys, area, payload = _region_arrays(batch, to_images(batch), ranks, offset, total)
+        offset += batch.num_rows
+        behind = (scores < score) | ((scores == score) & (keys > key))
+        keep = behind & (area - requested[payload[:, 0]] <= left)
+        parts.append((scores[keep], keys[keep], area[keep], payload[keep]))
+    scores, keys, area, payload = (np.concatenate(c) for c in zip(*parts, strict=True))
+    order = _best_first(scores, keys)
+    return scores[order], keys[order], area[order], payload[order]
+
+
+# ---------------------------------------------------------------------- LabOR: the table-level part
+
+
+def labor_images(al: ALConfig, pool: pa.Table, scores: pa.Table, labeled_pixels: LabeledPixels,
+                 budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows LabOR asks the model about, in order; their ``disagree_pixels``).
+
+    From each scored image's ``disagree_pixels``; fully asked images never come.
+    SPL: every image with disagreement, most first (ties by id); the caller shrinks
+    all their masks together to the budget. PPL: :func:`select_ppl_images` under the
+    click budget.
+    """
+    positions = positions_in(scores.column("id"), pool)
+    counts = int_column(scores, "disagree_pixels")
+    full = (requested_pixels(pool, labeled_pixels) >= pool_areas(pool))[positions]
+    ranks = id_ranks(scores.column("id"))
+    if al.acquisition == "labor_spl":
+        order = np.lexsort((ranks, -counts))
+        chosen = order[(counts[order] > 0) & ~full[order]]
+    else:
+        open_ = np.flatnonzero(~full)
+        chosen = chosen_positions(ranks, select_ppl_images(ranks[open_], counts[open_], al.points_per_image, budget))
+    return positions[chosen], counts[chosen]

@@ -33,23 +33,23 @@ def test_round_budget_in_each_unit():
 
 def test_entropy_picks_the_most_uncertain_images_that_fit_and_never_a_fully_asked_one():
     al = ALConfig(acquisition="entropy")
-    rows = select_whole_images(al, pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {"img0": 100}, budget=250)
+    rows = select_whole_images(al, pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {"img0": 100}, budget=250).to_pylist()
     # img0 is fully asked for already; img2 (0.8), img4 (0.7) fit, img3 would exceed 250
     assert [r["id"] for r in rows] == ["img2", "img4"]
     assert all(r["unit"] == "image" and r["cost_pixels"] == 100 for r in rows)
 
 
 def test_a_partly_labeled_image_costs_only_its_remaining_pixels():
-    rows = select_whole_images(ALConfig(acquisition="entropy"), pool(2), scores([0.9, 0.1]), {"img0": 64}, budget=36)
+    rows = select_whole_images(ALConfig(acquisition="entropy"), pool(2), scores([0.9, 0.1]), {"img0": 64}, budget=36).to_pylist()
     assert [(r["id"], r["cost_pixels"]) for r in rows] == [("img0", 36)]
 
 
 def test_stability_selection_uses_instability_and_random_is_seeded():
-    rows = select_whole_images(ALConfig(acquisition="stability"), pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {}, 100)
+    rows = select_whole_images(ALConfig(acquisition="stability"), pool(), scores([0.9, 0.1, 0.8, 0.5, 0.7]), {}, 100).to_pylist()
     assert [r["id"] for r in rows] == ["img4"]  # instability [0.7, 0.5, 0.8, 0.1, 0.9]: img4 is least stable
-    a = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300)
-    b = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300)
-    c = select_whole_images(ALConfig(acquisition="random", seed=4), pool(), None, {}, 300)
+    a = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300).to_pylist()
+    b = select_whole_images(ALConfig(acquisition="random", seed=3), pool(), None, {}, 300).to_pylist()
+    c = select_whole_images(ALConfig(acquisition="random", seed=4), pool(), None, {}, 300).to_pylist()
     assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 3
     assert [r["id"] for r in a] != [r["id"] for r in c]
 
@@ -59,7 +59,7 @@ def test_regions_never_overlap_and_never_charge_asked_pixels_twice():
                         "y1": [4, 4, 4, 10], "x1": [4, 6, 4, 10], "score": [0.9, 0.8, 0.7, 0.6]})
     asked = {"img1": np.zeros((10, 10), bool)}
     asked["img1"][0:2, 0:4] = True  # 8 of img1's first region's 16 pixels were asked for before
-    rows = select_region_rows(pool(2), regions, budget=16 + 8 + 25, labeled_mask=asked.get)
+    rows = select_region_rows(pool(2), regions, budget=16 + 8 + 25, labeled_mask=asked.get).to_pylist()
     assert [(r["id"], r["y0"], r["x0"], r["cost_pixels"]) for r in rows] == [
         ("img0", 0, 0, 16),  # the overlapping img0 region (0.8) is skipped
         ("img1", 0, 0, 8),
