@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _pools import png_bytes, write_checkpoints
 
-from segrl.acquisition import select_random
+from segrl.acquisition import PIXEL_SCORES, select_random
 from segrl.acquisition.points import (
     cell_side,
     point_rng,
@@ -16,12 +17,16 @@ from segrl.acquisition.points import (
     spread_top_points,
     top_share_points,
 )
-from segrl.config import ALConfig, ConfigError, load_config
+from segrl.config import ALConfig, ConfigError, ScoreConfig, load_config, replace
 from segrl.data.labels import decode_label
+from segrl.data.synthetic import render_scene
+from segrl.engine.score import decode_frames
 from segrl.labeling import oracle_label, selection_table, validate_selection
 from segrl.loop import labor as loop_labor
 from segrl.loop import points as loop_points
+from segrl.loop.labor import to_grid
 from segrl.loop.select import choose_point_images, round_budget
+from segrl.scoring import PoolScorer, inspect_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -227,3 +232,37 @@ def test_random_point_rows_need_no_model_and_are_answered_exactly(monkeypatch: p
         asked = np.zeros((8, 8), bool)
         asked[tuple(np.asarray(row["points"]).T)] = True
         assert (answer[asked] == truth[asked]).all() and (answer[~asked] == 255).all()
+
+
+def test_point_rows_with_a_real_model_are_the_rules_over_its_maps(tmp_path):
+    """The real decode + PoolScorer path: each image's margin points are spread_top_points
+    of the final model's margin map on the 32 x 40 grid, doubled to the 64 x 80 frames."""
+    grid = (32, 40)
+    checkpoint = write_checkpoints(tmp_path / "ckpt", k=1, size=grid) / "ckpt_00000001"
+    uris = []
+    for i in range(3):
+        path = tmp_path / f"frame{i}.png"
+        path.write_bytes(png_bytes(render_scene(7, i, (64, 80), "target")[0]))
+        uris.append(str(path))
+    table = pa.table({"id": ["f0", "f1", "f2"], "image_uri": uris, "height": [64] * 3, "width": [80] * 3})
+    labeled = np.zeros((64, 80), bool)
+    labeled[:, :40] = True  # f1's left half is labeled already
+    store = load_config().store
+    al = ALConfig(acquisition="margin_points", budget_unit="clicks", points_per_image=6, seed=1)
+    rows = loop_points.point_rows(al, table, 15, {"f1": labeled}.get, {"f1": 64 * 40}, str(checkpoint), grid, store)
+    assert sum(r["cost_clicks"] for r in rows) == 15 and all(r["cost_clicks"] == r["cost_pixels"] for r in rows)
+    scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=str(checkpoint), out="-", store=store),
+                        inspect_checkpoints(str(checkpoint)))
+    for row in rows:
+        frame = decode_frames(pa.table({"id": [row["id"]], "image_uri": [row["uri"]], "shard": [0], "row": [0]}),
+                              grid, None)["image"]
+        margin_map = PIXEL_SCORES["margin"](scorer.probabilities(frame)[-1])[0].numpy()
+        open_ = ~to_grid(labeled, grid) if row["id"] == "f1" else np.ones(grid, bool)
+        want = spread_top_points(margin_map, open_, row["cost_clicks"]) * 2
+        assert row["points"] == want.tolist()
+        if row["id"] == "f1":
+            assert all(x >= 40 for _, x in row["points"])
+    pixelpick = loop_points.point_rows(replace(al, acquisition="pixelpick_points"), table, 18, {}.get, {},
+                                       str(checkpoint), grid, store)
+    assert [len(r["points"]) for r in pixelpick] == [6, 6, 6]
+    assert all(len({tuple(p) for p in r["points"]}) == 6 for r in pixelpick)
