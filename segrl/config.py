@@ -255,7 +255,13 @@ class MethodConfig:
 
 
 RETRAIN_MODES = ("from_scratch", "continue")
-ACQUISITIONS = ("random", "entropy", "stability", "region_entropy", "region_impurity", "labor_spl", "labor_ppl")
+# Points spread over the pool (PixelPick, Shin et al. 2021, arXiv 2104.06394): al.points_per_image
+# clicks in each image the round's click budget reaches.
+POINT_ACQUISITIONS = ("random_points", "margin_points", "entropy_points", "pixelpick_points")
+ACQUISITIONS = ("random", "entropy", "stability", "region_entropy", "region_impurity", "labor_spl", "labor_ppl",
+                *POINT_ACQUISITIONS)
+# The acquisitions that ask for clicks, so that al.budget_unit must be 'clicks' for them and only for them.
+CLICK_ACQUISITIONS = ("labor_ppl", *POINT_ACQUISITIONS)
 
 
 @dataclass(frozen=True)
@@ -266,12 +272,16 @@ class ALConfig:
     initial_labeled: int = 8  # images fully labeled before round 0 (random with al.seed)
     initial_ids: str = ""  # or: a file/URI listing them, one id per line
     budget_per_round: float = 0.02
-    budget_unit: str = "share"  # share (of the pool's pixels) | pixels | images | clicks (labor_ppl)
+    budget_unit: str = "share"  # share (of the pool's pixels) | pixels | images | clicks (labor_ppl, *_points)
     acquisition: str = "entropy"  # random | entropy | stability | region_entropy | region_impurity
-    #                               | labor_spl | labor_ppl
+    #                               | labor_spl | labor_ppl | random_points | margin_points
+    #                               | entropy_points | pixelpick_points
     region_size: tuple[int, ...] = (32, 32)  # candidate region [h, w] in scoring pixels
     regions_top_r: int = 16  # candidate regions kept per image
-    points_per_image: int = 10  # labor_ppl: clicks per selected image
+    points_per_image: int = 10  # labor_ppl, *_points: clicks per selected image
+    # pixelpick_points: the points are drawn at random from this share of an image's most
+    # uncertain (margin) unlabeled pixels, PixelPick's top_n_percent, so they do not cluster
+    point_top_share: float = 0.05
     class_balance: bool = False  # image selection interleaved over rarest predicted classes
     labeling: str = "oracle"  # oracle (ground truth of the pool) | external (manifest + import)
     # from_scratch: each round trains from model.weights with a whole schedule (the usual AL
@@ -297,11 +307,14 @@ class ALConfig:
         if self.budget_unit == "share" and self.budget_per_round > 1:
             _fail("al.budget_per_round", self.budget_per_round, "is a share of the pool's pixels: must be <= 1")
         _one_of("al.acquisition", self.acquisition, ACQUISITIONS)
-        if (self.budget_unit == "clicks") != (self.acquisition == "labor_ppl"):
-            _fail("al.budget_unit", self.budget_unit, "must be 'clicks' exactly when al.acquisition is labor_ppl")
+        if (self.budget_unit == "clicks") != (self.acquisition in CLICK_ACQUISITIONS):
+            _fail("al.budget_unit", self.budget_unit, f"must be 'clicks' exactly when al.acquisition "
+                  f"(= {self.acquisition!r}) is one of {', '.join(CLICK_ACQUISITIONS)}")
         _hw("al.region_size", self.region_size)
         _at_least("al.regions_top_r", self.regions_top_r, 1)
         _at_least("al.points_per_image", self.points_per_image, 1)
+        if not 0 < self.point_top_share <= 1:
+            _fail("al.point_top_share", self.point_top_share, "must be in (0, 1]")
         _one_of("al.labeling", self.labeling, ("oracle", "external"))
         _one_of("al.retrain", self.retrain, RETRAIN_MODES)
 

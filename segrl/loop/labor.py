@@ -11,7 +11,7 @@ resize uses, so a requested pixel is one the training grid keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from segrl.acquisition.labor import ppl_points, spl_image_budgets, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
+from segrl.engine.score import decode_frames
 from segrl.labeling import encode_label_png
 from segrl.loop.select import LabeledPixels, labor_images
+from segrl.scoring import PoolScorer, inspect_checkpoints
 from segrl.storage import ArtifactStore
 
 CHUNK = 16
@@ -33,11 +35,11 @@ def to_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(tensor, size=size, mode="nearest")[0, 0].bool().numpy()
 
 
-def scale_points(points: list[tuple[int, int, int]], small: tuple[int, int],
+def scale_points(points: list | np.ndarray, small: tuple[int, int],
                  original: tuple[int, int]) -> list[list[int]]:
-    """(y, x, class) at the scoring size -> [y, x] in original pixels (nearest-resize rule)."""
+    """(y, x, ...) at the scoring size -> [y, x] in original pixels (nearest-resize rule)."""
     (h, w), (oh, ow) = small, original
-    return [[min(oh - 1, y * oh // h), min(ow - 1, x * ow // w)] for y, x, _ in points]
+    return [[min(oh - 1, int(p[0]) * oh // h), min(ow - 1, int(p[1]) * ow // w)] for p in points]
 
 
 def labor_rows(
@@ -46,9 +48,6 @@ def labor_rows(
     masks_prefix: str, store_cfg: StoreConfig,
 ) -> list[dict]:
     """Selection rows for ``labor_spl`` (pixels, budget in pixels) or ``labor_ppl`` (points, clicks)."""
-    from segrl.engine.score import decode_frames
-    from segrl.scoring import PoolScorer, inspect_checkpoints
-
     chosen, disagree = labor_images(al, pool, scores, labeled_pixels, budget)
     caps: dict[str, int] = {}
     if al.acquisition == "labor_spl":
@@ -65,16 +64,9 @@ def labor_rows(
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
     rows, remaining = [], budget
-    for start in range(0, len(chosen), CHUNK):  # decode only as many images as the budget needs
-        rows_part = pa.array(chosen[start : start + CHUNK])
-        part = pool.column("id").take(rows_part).to_pylist()
-        info = dict(zip(part, zip(*(pool.column(c).take(rows_part).to_pylist()
-                                    for c in ("image_uri", "height", "width")), strict=True), strict=True))
-        frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
-                                         "shard": [0] * len(part), "row": list(range(len(part)))}),
-                               image_size, endpoint)
+    for part, info, frames in chosen_frames(pool, chosen, image_size, endpoint):
         for k, image_id in enumerate(part):
-            row = _request(al, scorer, frames["image"][k : k + 1], image_id, info[image_id], image_size,
+            row = _request(al, scorer, frames[k : k + 1], image_id, info[image_id], image_size,
                            labeled_mask, min(remaining, caps.get(image_id, remaining)), store, masks_prefix)
             if row is None:
                 continue
@@ -83,6 +75,39 @@ def labor_rows(
             if remaining <= 0:
                 return rows
     return rows
+
+
+def chosen_frames(pool: pa.Table, chosen: np.ndarray, image_size: tuple[int, int], endpoint: str | None,
+                  decode: bool = True) -> Iterator[tuple[list[str], dict, np.ndarray | None]]:
+    """(ids, id -> (uri, height, width), frames N x H x W x 3 uint8 at ``image_size``) of
+    pool rows ``chosen``, CHUNK images at a time, so only as many images are decoded as a
+    caller consumes and the driver holds one chunk of frames. ``decode=False``: frames None."""
+    for start in range(0, len(chosen), CHUNK):
+        rows_part = pa.array(chosen[start : start + CHUNK], pa.int64())
+        part = pool.column("id").take(rows_part).to_pylist()
+        info = dict(zip(part, zip(*(pool.column(c).take(rows_part).to_pylist()
+                                    for c in ("image_uri", "height", "width")), strict=True), strict=True))
+        frames = None
+        if decode:
+            frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
+                                             "shard": [0] * len(part), "row": list(range(len(part)))}),
+                                   image_size, endpoint)["image"]
+        yield part, info, frames
+
+
+def points_row(image_id: str, uri: str, original: tuple[int, int], small: tuple[int, int],
+               found: list | np.ndarray, labeled: np.ndarray) -> dict | None:
+    """A 'points' selection row from points (y, x, ...) found on the ``small`` grid: mapped
+    to original pixels, already-labeled and repeated pixels dropped (several grid pixels
+    can map to one original pixel); one click and one labeled pixel each. None if none left."""
+    points = [p for p in scale_points(found, small, original) if not labeled[p[0], p[1]]]
+    points = [list(p) for p in dict.fromkeys(tuple(p) for p in points)]
+    if not points:
+        return None
+    ys, xs = [p[0] for p in points], [p[1] for p in points]
+    return {"id": image_id, "uri": uri, "unit": "points", "height": original[0], "width": original[1],
+            "y0": min(ys), "x0": min(xs), "y1": max(ys) + 1, "x1": max(xs) + 1, "mask_key": "",
+            "points": points, "cost_pixels": len(points), "cost_clicks": len(points)}
 
 
 def _request(al, scorer, image, image_id, info, image_size, labeled_mask, remaining, store, masks_prefix):
@@ -129,11 +154,4 @@ def _ppl_row(image_id, uri, original, small, mask, pred, features, labeled, smal
     if count <= 0:
         return None
     found = ppl_points(pred.cpu().numpy(), mask.cpu().numpy(), features.cpu().numpy(), count, small_labeled)
-    points = [p for p in scale_points(found, small, original) if not labeled[p[0], p[1]]]
-    points = [list(p) for p in dict.fromkeys(tuple(p) for p in points)]
-    if not points:
-        return None
-    ys, xs = [p[0] for p in points], [p[1] for p in points]
-    return {"id": image_id, "uri": uri, "unit": "points", "height": original[0], "width": original[1],
-            "y0": min(ys), "x0": min(xs), "y1": max(ys) + 1, "x1": max(xs) + 1, "mask_key": "",
-            "points": points, "cost_pixels": len(points), "cost_clicks": len(points)}
+    return points_row(image_id, uri, original, small, found, labeled)

@@ -37,7 +37,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segrl.config import ConfigError, ExperimentConfig, ScoreConfig, absolute_local_paths, replace
+from segrl.config import (
+    POINT_ACQUISITIONS,
+    ConfigError,
+    ExperimentConfig,
+    ScoreConfig,
+    absolute_local_paths,
+    replace,
+)
 from segrl.console import say
 from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
@@ -52,6 +59,8 @@ from segrl.labeling import (
     validate_selection,
 )
 from segrl.labeling.tools import export_tools
+from segrl.loop.labor import labor_rows
+from segrl.loop.points import point_rows
 from segrl.loop.report import miou_plot_png, rounds_table
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
@@ -65,6 +74,7 @@ from segrl.loop.select import (
     select_image_step,
     select_region_step,
 )
+from segrl.scoring import inspect_checkpoints, resolve_image_size
 from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
 STATE_FILE = "state.json"
@@ -260,25 +270,28 @@ class ActiveLearningLoop:
 
     def _acquire(self, r: int, scores_file: pq.ParquetFile, budget: int) -> pa.Table | list[dict]:
         labeled = self._labeled_pixels()
-        if self.al.acquisition not in (*REGION_ACQUISITIONS, *LABOR_ACQUISITIONS):
+        if self.al.acquisition not in (*REGION_ACQUISITIONS, *LABOR_ACQUISITIONS, *POINT_ACQUISITIONS):
             return select_image_step(self.al, scores_file, labeled, budget)
         if self.al.acquisition in REGION_ACQUISITIONS:
             with self.store.open_input(f"{round_dir(r - 1)}/regions.parquet") as f:  # streamed: 10-20 rows a frame
                 return select_region_step(scores_file, pq.ParquetFile(f), budget, self._labeled_mask, labeled)
         scores = read_scores(scores_file, self.al)
         pool = scores.select([c for c in POOL_COLUMNS if c in scores.column_names])
-        if self.al.acquisition in LABOR_ACQUISITIONS:
-            from segrl.loop.labor import labor_rows
-            from segrl.scoring import inspect_checkpoints, resolve_image_size
+        final, size = self._final_model(r - 1)
+        if self.al.acquisition in POINT_ACQUISITIONS:
+            return point_rows(self.al, pool, budget, self._labeled_mask, labeled, final, size, self.cfg.store)
+        return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
+                          self.store, f"{round_dir(r)}/masks", self.cfg.store)
 
-            checkpoints = self._snapshots(r - 1)
-            final = self.store.uri(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}/"
-                                   + sorted(self.store.list(f"{round_dir(r - 1)}/model/{SNAPSHOT_DIR}"))[-1]
-                                   .rsplit("/", 1)[-1])
-            info = inspect_checkpoints(checkpoints, self.endpoint)
-            size = resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
-            return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
-                              self.store, f"{round_dir(r)}/masks", self.cfg.store)
+    def _final_model(self, r: int) -> tuple[str, tuple[int, int]]:
+        """Round r's final snapshot and its scoring grid, where LabOR and the point
+        acquisitions look for pixels (the grid training resizes to)."""
+        checkpoints = self._snapshots(r)
+        final = self.store.uri(f"{round_dir(r)}/model/{SNAPSHOT_DIR}/"
+                               + sorted(self.store.list(f"{round_dir(r)}/model/{SNAPSHOT_DIR}"))[-1]
+                               .rsplit("/", 1)[-1])
+        info = inspect_checkpoints(checkpoints, self.endpoint)
+        return final, resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
 
     def _label(self, r: int) -> dict[str, Any] | None:
         selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))

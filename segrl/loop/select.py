@@ -2,8 +2,9 @@
 
 Everything here is plain Python over Arrow tables and numpy arrays (no Ray, no model),
 so the rules (budget in pixels or clicks, no pixel charged twice, determinism) are
-unit-tested directly. LabOR's pixel masks and points need the model, and are computed
-in :mod:`segrl.loop.labor` for the images chosen here.
+unit-tested directly. LabOR's pixel masks and points, and the point acquisitions'
+pixels, need the model (or a random draw per image), and are computed in
+:mod:`segrl.loop.labor` and :mod:`segrl.loop.points` for the images chosen here.
 
 Pools hold millions of frames and regions tables 10-20 rows per frame, so nothing
 here turns a whole column into Python objects: columns go to numpy, ids are compared
@@ -40,7 +41,7 @@ LabeledPixels = Mapping[str, int] | pa.Table
 
 
 def round_budget(al: ALConfig, pool_pixels: int, pool_images: int) -> int:
-    """The budget of one round in pixels (clicks for ``labor_ppl``)."""
+    """The budget of one round in pixels (clicks for ``labor_ppl`` and the point acquisitions)."""
     if al.budget_unit == "share":
         return int(al.budget_per_round * pool_pixels)
     if al.budget_unit == "images":
@@ -475,3 +476,29 @@ def labor_images(al: ALConfig, pool: pa.Table, scores: pa.Table, labeled_pixels:
         open_ = np.flatnonzero(~full)
         chosen = chosen_positions(ranks, select_ppl_images(ranks[open_], counts[open_], al.points_per_image, budget))
     return positions[chosen], counts[chosen]
+
+
+# ---------------------------------------------------------------------- points over the pool
+
+
+def choose_point_images(al: ALConfig, pool: pa.Table, labeled_pixels: LabeledPixels,
+                        budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows, clicks of each) for the point acquisitions, in pick order.
+
+    Spread over the pool as PixelPick asks its points of every image: ``al.points_per_image``
+    clicks per image (fewer where fewer pixels are left) in as many images as the click
+    budget covers, the last one taking what is left; all open images when the budget
+    reaches them. Which images, when it does not: a seeded random order (ids sorted
+    first, as :func:`segrl.acquisition.select_random`), so the pixel rules are compared
+    on the same images. Fully asked images are never chosen.
+    """
+    remaining = pool_areas(pool) - requested_pixels(pool, labeled_pixels)
+    open_ = np.flatnonzero(remaining > 0)
+    ranks = id_ranks(pool.column("id"))
+    by_id = open_[np.argsort(ranks[open_], kind="stable")]
+    order = by_id[np.random.default_rng(al.seed).permutation(by_id.size)]
+    clicks = np.minimum(remaining[order], al.points_per_image)
+    before = np.cumsum(clicks) - clicks  # clicks spent on the images ahead of each
+    clicks = np.clip(budget - before, 0, clicks)
+    keep = clicks > 0
+    return order[keep], clicks[keep]

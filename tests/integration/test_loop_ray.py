@@ -18,7 +18,7 @@ from PIL import Image
 
 from segrl.config import load_config
 from segrl.labeling import LabelImportError, import_labels
-from segrl.loop.run import run_loop
+from segrl.loop.run import ActiveLearningLoop, run_loop
 from segrl.storage import open_store
 
 pytestmark = pytest.mark.integration
@@ -130,6 +130,19 @@ def test_killed_labor_loop_resumes_without_repeating_a_step_and_asks_disagreemen
         mask = np.array(Image.open(run / row["mask_key"])) > 0
         assert mask.sum() == row["cost_pixels"]
     assert "disagree_pixels" in pq.read_table(run / "rounds/00/scores.parquet").column_names
+
+    # Point acquisitions from the same run's round-0 model and scores (no training of their
+    # own): the loop's select dispatch, clicks within budget, labeled pixels never asked again.
+    for acquisition in ("margin_points", "random_points"):
+        points_loop = ActiveLearningLoop(load_config(str(REPO / "configs" / "stal_synthetic.yaml"), [
+            *args, f"al.acquisition={acquisition}", "al.budget_unit=clicks", "al.budget_per_round=40",
+            "al.points_per_image=5"]))
+        with (run / "rounds/00/scores.parquet").open("rb") as f:
+            rows = points_loop._acquire(1, pq.ParquetFile(f), 40)
+        assert len(rows) == 8 and all(r["unit"] == "points" and r["cost_clicks"] == 5 for r in rows)
+        for row in rows:
+            asked = points_loop._labeled_mask(row["id"])
+            assert asked is None or not any(asked[y, x] for y, x in row["points"])
 
 
 def test_external_labeling_round_trip_rejects_a_bad_import_whole(tmp_path: Path, ray_cluster):
