@@ -324,8 +324,7 @@ class AnnotationConfig:
     """What ``al.labeling=external`` writes for annotation tools each round, and image URLs.
 
     The manifest and PNG masks are always written; ``tools`` adds import files for Label
-    Studio (tasks.json + config.xml; needs ``pip install 'segrl[label-studio]'``) and
-    CVAT (annotations.xml + images.txt) under ``rounds/<NN>/labeling/<tool>/``.
+    Studio (tasks.json + config.xml) and CVAT (annotations.xml + images.txt) under ``rounds/<NN>/labeling/<tool>/``.
     """
 
     tools: tuple[str, ...] = ()  # label_studio | cvat

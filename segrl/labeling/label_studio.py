@@ -16,8 +16,8 @@ requested points. :func:`import_label_studio` reads Label Studio's JSON export (
 maps to :func:`~segrl.labeling.answers.store_answers`: only requested pixels are kept,
 and any problem rejects the whole import.
 
-The SDK is an optional dependency (``pip install 'segrl[label-studio]'``): it pins
-numpy and pulls OpenCV, pandas and a code generator, too much for every install.
+The SDK is imported on first use: its import pulls pandas, pydantic, httpx and OpenCV,
+seconds that a loop which never talks to Label Studio should not pay.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pyarrow as pa
 
-from segrl.data.labels import IGNORE_INDEX, DataError
+from segrl.data.labels import IGNORE_INDEX
 from segrl.labeling.answers import (
     LabelImportError,
     begin_tool_import,
@@ -57,13 +57,9 @@ ImageUrl = Callable[[str], str]
 
 
 def _brush() -> Any:
-    """The SDK's brush RLE converter, imported on use: the SDK is an optional extra."""
-    try:
-        from label_studio_sdk.converter import brush
-    except ImportError as exc:
-        raise DataError(
-            "Label Studio brush masks need the Label Studio SDK: pip install 'segrl[label-studio]'"
-        ) from exc
+    """The SDK's brush RLE converter, imported on use (see the module docstring)."""
+    from label_studio_sdk.converter import brush
+
     return brush
 
 
