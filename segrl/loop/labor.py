@@ -22,7 +22,7 @@ from segrl.acquisition.labor import ppl_points, spl_image_budgets, spl_pixels
 from segrl.config import ALConfig, ScoreConfig, StoreConfig
 from segrl.engine.score import decode_frames
 from segrl.labeling import encode_label_png
-from segrl.loop.select import LabeledPixels, labor_images
+from segrl.loop.select import LabeledPixels, labor_images, pool_areas
 from segrl.scoring import PoolScorer, inspect_checkpoints
 from segrl.storage import ArtifactStore
 
@@ -49,25 +49,24 @@ def labor_rows(
 ) -> list[dict]:
     """Selection rows for ``labor_spl`` (pixels, budget in pixels) or ``labor_ppl`` (points, clicks)."""
     chosen, disagree = labor_images(al, pool, scores, labeled_pixels, budget)
-    caps: dict[str, int] = {}
+    caps = None  # per chosen image, in order: SPL's share of the budget
     if al.acquisition == "labor_spl":
         # every image with disagreement gets its mask, all shrunk together to the budget
-        rows_chosen = pa.array(chosen)
-        scale = (pool.column("height").take(rows_chosen).to_numpy() * pool.column("width").take(rows_chosen).to_numpy()
-                 / (image_size[0] * image_size[1]))
-        image_caps = spl_image_budgets(disagree, scale, budget)
-        caps = dict(zip(pool.column("id").take(rows_chosen).to_pylist(), image_caps.tolist(), strict=True))
-        chosen = chosen[image_caps > 0]
+        scale = pool_areas(pool)[chosen] / (image_size[0] * image_size[1])
+        caps = spl_image_budgets(disagree, scale, budget)
+        chosen, caps = chosen[caps > 0], caps[caps > 0]
     if not chosen.size:
         return []
     endpoint = store_cfg.endpoint_url or None
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
-    rows, remaining = [], budget
+    rows, remaining, position = [], budget, 0
     for part, info, frames in chosen_frames(pool, chosen, image_size, endpoint):
         for k, image_id in enumerate(part):
+            cap = remaining if caps is None else min(remaining, int(caps[position]))
+            position += 1
             row = _request(al, scorer, frames[k : k + 1], image_id, info[image_id], image_size,
-                           labeled_mask, min(remaining, caps.get(image_id, remaining)), store, masks_prefix)
+                           labeled_mask, cap, store, masks_prefix)
             if row is None:
                 continue
             rows.append(row)
