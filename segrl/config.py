@@ -126,7 +126,7 @@ class TrainConfig:
     """Optimisation schedule, evaluation and checkpoint cadence."""
 
     epochs: int = 4
-    steps: int = 0  # if > 0: train at least this many steps (whole epochs) instead of train.epochs
+    steps: int = 0  # if > 0: train exactly this many optimiser steps instead of train.epochs
     batch_size: int = 8  # per Ray Train worker
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3

@@ -281,8 +281,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # each): repeat it within an epoch instead, about STEPS_EPOCHS epochs per run.
         train_sampler.repeats = max(1, math.ceil(tcfg.steps / (STEPS_EPOCHS * steps_per_epoch)))
         steps_per_epoch = len(train_sampler) // n_source
-    epochs = math.ceil(tcfg.steps / steps_per_epoch) if tcfg.steps else tcfg.epochs
-    total_steps = steps_per_epoch * epochs
+    epochs, total_steps = plan_steps(tcfg.steps, tcfg.epochs, steps_per_epoch)
 
     model = build_model(cfg.model.arch, len(classes), weights=cfg.model.weights or None, endpoint_url=endpoint or None)
     model = ray.train.torch.prepare_model(model)
@@ -348,7 +347,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
     model.train()
-    for epoch in range(step // steps_per_epoch, epochs):
+    # a restored run that had already reached its last step trains no further
+    for epoch in range(step // steps_per_epoch if step < total_steps else epochs, epochs):
         offset = step - epoch * steps_per_epoch
         train_sampler.set_epoch(epoch, start=offset * n_source)
         loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True)
@@ -374,9 +374,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                               recipe.snapshot_extras())
             if rank == 0 and step % tcfg.log_every_steps == 0:
                 say(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}")
-            end_of_epoch = step == (epoch + 1) * steps_per_epoch
+            # a train.steps run stops at exactly that step: rows of a benchmark compare equal steps
+            end_of_epoch = step == min((epoch + 1) * steps_per_epoch, total_steps)
             if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0 and not end_of_epoch:
                 checkpoint_and_report(epoch, {"loss": loss_sum / loss_count})
+            if end_of_epoch:
+                break
         elapsed = time.perf_counter() - started
         summary: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -404,6 +407,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             say(_epoch_line(summary, epochs, step))
         checkpoint_and_report(epoch + 1, summary)
+
+
+def plan_steps(steps: int, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, total optimiser steps): exactly ``steps`` when set, the last epoch cut short."""
+    if steps:
+        return math.ceil(steps / steps_per_epoch), steps
+    return epochs, epochs * steps_per_epoch
 
 
 def batch_sizes(batch_size: int, ratio: tuple[float, ...]) -> tuple[int, int, int]:

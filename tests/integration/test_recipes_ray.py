@@ -38,11 +38,13 @@ def test_proda_with_contrastive_and_adversarial_terms_then_distillation(tmp_path
     assert history[-1]["loss_contrastive"] > 0
     snapshot = next((tmp_path / "proda" / "snapshots").glob("ckpt_*")) / "checkpoint.pt"
     distilled = train(load_config(overrides=[
-        *TINY, f"store.root={tmp_path}", "name=distill", "train.epochs=2", "method.name=distill",
+        *TINY, f"store.root={tmp_path}", "name=distill", "train.steps=10", "method.name=distill",
         "compute.num_workers=1",
         f"method.teacher_weights={snapshot}",
     ]))
     assert losses(distilled.metrics)[-1] < losses(distilled.metrics)[0]
+    # exactly train.steps optimiser steps: two 4-step epochs and a last one cut at step 10
+    assert distilled.metrics["step"] == 10 and len(distilled.metrics["history"]) == 3
     assert list((tmp_path / "distill" / "train").glob("ckpt_*"))
 
 

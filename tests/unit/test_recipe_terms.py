@@ -12,7 +12,7 @@ import torch
 from segrl.config import MethodConfig, TrainConfig, load_config
 from segrl.data.build import build_training_sets
 from segrl.engine.selftrain import rank_by_stability, split_reliable
-from segrl.engine.train import _class_counts, batch_sizes, concat_batches, snapshot_schedule
+from segrl.engine.train import _class_counts, batch_sizes, concat_batches, plan_steps, snapshot_schedule
 from segrl.losses import inverse_sqrt_frequency_weights, tail_anchor_counts
 from segrl.methods.recipes import build_recipe
 from segrl.methods.terms import AdversarialTerm, ContrastiveTerm, StepOutputs
@@ -180,6 +180,14 @@ def test_batch_sizes_follow_the_configured_ratio():
     assert batch_sizes(4, (1.0, 1.0, 0.0)) == (2, 2, 0)
     with pytest.raises(ValueError, match="batch_ratio"):
         batch_sizes(2, (0.1, 10.0, 1.0))
+
+
+def test_a_steps_run_trains_exactly_its_steps_and_an_epochs_run_whole_epochs():
+    # 90 steps over 36-step epochs: three epochs, the last cut at step 90 (not 108)
+    assert plan_steps(90, 4, 36) == (3, 90)
+    assert plan_steps(72, 4, 36) == (2, 72)
+    assert plan_steps(5, 4, 36) == (1, 5)
+    assert plan_steps(0, 4, 36) == (4, 144)
 
 
 def test_snapshots_are_evenly_spaced_and_end_at_the_last_step():
