@@ -271,6 +271,9 @@ class ALConfig:
     rounds: int = 2  # selection rounds; a final training round follows the last one
     initial_labeled: int = 8  # images fully labeled before round 0 (random with al.seed)
     initial_ids: str = ""  # or: a file/URI listing them, one id per line
+    # or: round 0 asks this many random points (clicks) in every pool image, PixelPick's
+    # first round, drawn on the grid training resizes to (data.base_size)
+    initial_points_per_image: int = 0
     budget_per_round: float = 0.02
     budget_unit: str = "share"  # share (of the pool's pixels) | pixels | images | clicks (labor_ppl, *_points)
     acquisition: str = "entropy"  # random | entropy | stability | region_entropy | region_impurity
@@ -297,11 +300,16 @@ class ALConfig:
     def validate(self) -> None:
         _at_least("al.rounds", self.rounds, 0)
         _at_least("al.initial_labeled", self.initial_labeled, 0)
-        if self.initial_ids and self.initial_labeled:
-            _fail("al.initial_ids", self.initial_ids, "cannot be combined with al.initial_labeled")
-        if not (self.initial_ids or self.initial_labeled):
-            _fail("al.initial_labeled", self.initial_labeled, "must be >= 1 (or set al.initial_ids): "
-                  "round 0 needs some labels to train on")
+        _at_least("al.initial_points_per_image", self.initial_points_per_image, 0)
+        starts = [name for name, value in (("al.initial_labeled", self.initial_labeled),
+                                           ("al.initial_ids", self.initial_ids),
+                                           ("al.initial_points_per_image", self.initial_points_per_image)) if value]
+        if len(starts) > 1:
+            _fail(starts[1], getattr(self, starts[1].split(".")[1]), f"cannot be combined with {starts[0]} "
+                  "(round 0 labels either whole images or random points): set the other to 0 or ''")
+        if not starts:
+            _fail("al.initial_labeled", self.initial_labeled, "must be >= 1 (or set al.initial_ids or "
+                  "al.initial_points_per_image): round 0 needs some labels to train on")
         _positive("al.budget_per_round", self.budget_per_round)
         _one_of("al.budget_unit", self.budget_unit, ("share", "pixels", "images", "clicks"))
         if self.budget_unit == "share" and self.budget_per_round > 1:

@@ -44,6 +44,18 @@ def pick_points(al: ALConfig, image_id: str, score: np.ndarray | None, candidate
     return spread_top_points(score, candidates, count)
 
 
+def initial_point_row(image_id: str, uri: str, original: tuple[int, int], grid: tuple[int, int] | None,
+                      count: int, seed: int) -> dict | None:
+    """Round 0 of a point loop (``al.initial_points_per_image``, PixelPick's first round):
+    ``count`` random points of one image, drawn on ``grid`` (the size training resizes the
+    image to; None = its own size) and mapped to original pixels, so each is a pixel
+    training keeps. The generator is :func:`point_rng`'s, so ``random_points`` rounds and
+    this one draw the same way."""
+    grid = tuple(grid) if grid else original
+    found = random_points(np.ones(grid, bool), count, point_rng(seed, image_id))
+    return points_row(image_id, uri, original, grid, found, np.zeros(original, bool))
+
+
 def point_rows(
     al: ALConfig, pool: pa.Table, budget: int, labeled_mask: LabeledMask, labeled_pixels: LabeledPixels,
     checkpoints: str, image_size: tuple[int, int], store_cfg: StoreConfig,

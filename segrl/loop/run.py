@@ -60,7 +60,7 @@ from segrl.labeling import (
 )
 from segrl.labeling.tools import export_tools
 from segrl.loop.labor import labor_rows
-from segrl.loop.points import point_rows
+from segrl.loop.points import initial_point_row, point_rows
 from segrl.loop.report import miou_plot_png, rounds_table
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
@@ -256,16 +256,24 @@ class ActiveLearningLoop:
             if unknown:
                 raise ConfigError(f"al.initial_ids file {self.al.initial_ids} lists id {unknown[0]!r} "
                                   f"that is not in the pool ({len(unknown)} unknown in all)")
-        else:
+        elif self.al.initial_labeled:
             if self.al.initial_labeled > len(ids):
                 raise ConfigError(f"al.initial_labeled = {self.al.initial_labeled} exceeds the {len(ids)} "
                                   "images of the pool")
             order = np.random.default_rng(self.al.seed).permutation(len(ids))
             wanted = sorted(ids[k] for k in order[: self.al.initial_labeled])
+        if self.al.initial_points_per_image:  # PixelPick's first round: random clicks in every image
+            wanted = sorted(ids)
         rows = []
         for image_id in wanted:
             h, w = load_pool_image(uris[image_id], self.endpoint).shape[:2]
-            rows.append(image_row(image_id, uris[image_id], h, w, h * w))
+            if self.al.initial_points_per_image:
+                row = initial_point_row(image_id, uris[image_id], (h, w), self.cfg.data.base_size or None,
+                                        self.al.initial_points_per_image, self.al.seed)
+                if row is not None:
+                    rows.append(row)
+            else:
+                rows.append(image_row(image_id, uris[image_id], h, w, h * w))
         return rows
 
     def _acquire(self, r: int, scores_file: pq.ParquetFile, budget: int) -> pa.Table | list[dict]:

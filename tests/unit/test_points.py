@@ -266,3 +266,34 @@ def test_point_rows_with_a_real_model_are_the_rules_over_its_maps(tmp_path):
                                        str(checkpoint), grid, store)
     assert [len(r["points"]) for r in pixelpick] == [6, 6, 6]
     assert all(len({tuple(p) for p in r["points"]}) == 6 for r in pixelpick)
+
+
+def test_initial_points_land_on_the_training_grid_and_repeat_for_a_seed():
+    from segrl.loop.points import initial_point_row
+
+    row = initial_point_row("f1", "f1.png", (360, 480), (90, 120), 7, seed=3)
+    assert row["unit"] == "points" and row["cost_clicks"] == row["cost_pixels"] == 7
+    # every point is a pixel the nearest resize to 90 x 120 keeps: a multiple of 4 both ways
+    assert all(y % 4 == 0 and x % 4 == 0 for y, x in row["points"])
+    assert initial_point_row("f1", "f1.png", (360, 480), (90, 120), 7, seed=3)["points"] == row["points"]
+    assert initial_point_row("f1", "f1.png", (360, 480), (90, 120), 7, seed=4)["points"] != row["points"]
+    native = initial_point_row("f1", "f1.png", (6, 5), None, 30, seed=0)
+    assert native["cost_clicks"] == 30 and len({tuple(p) for p in native["points"]}) == 30
+
+
+def test_a_point_loop_starts_with_random_clicks_in_every_pool_image(tmp_path):
+    from segrl.config import ConfigError, load_config
+    from segrl.loop.run import ActiveLearningLoop
+
+    base = [f"store.root={tmp_path}", "run=points", "data.synthetic_train_images=6", "al.initial_labeled=0",
+            "al.acquisition=pixelpick_points", "al.budget_unit=clicks", "al.budget_per_round=12"]
+    loop = ActiveLearningLoop(load_config(overrides=[*base, "al.initial_points_per_image=4"]))
+    loop.state = {}
+    loop._write_pool()
+    rows = loop._initial_rows()
+    assert len(rows) == 6 and {r["unit"] for r in rows} == {"points"}
+    assert [r["cost_clicks"] for r in rows] == [4] * 6
+    with pytest.raises(ConfigError, match="al.initial_points_per_image.*cannot be combined with al.initial_labeled"):
+        load_config(overrides=[*base, "al.initial_labeled=2", "al.initial_points_per_image=4"])
+    with pytest.raises(ConfigError, match="al.initial_labeled.*al.initial_points_per_image"):
+        load_config(overrides=base)
