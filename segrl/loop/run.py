@@ -230,6 +230,8 @@ class ActiveLearningLoop:
         if r == 0:
             table = _empty_or(self._initial_rows())
             budget = int(pc.sum(table.column("cost_pixels")).as_py() or 0)
+            if self.al.initial_points_per_image:  # every pool image was opened: the pool's size is known
+                self.state["pool_pixels"] = int(pool_areas(table).sum())
         else:
             with self.store.open_input(f"{round_dir(r - 1)}/scores.parquet") as f:  # streamed: millions of rows
                 scores = pq.ParquetFile(f)
