@@ -1,60 +1,70 @@
-"""Label efficiency of the self-training recipes on real data (CamVid).
+"""Label efficiency of the self-training recipes on real data (CamVid), at equal steps.
 
-Two tables, each run with the same model, resolution and optimiser steps per training run:
+One model (LR-ASPP MobileNetV3-Large from scratch), resolution, optimiser and schedule for
+every training run; every run trains exactly the setting's ``steps`` optimiser steps (ST
+and ST++ train a teacher and students, each run with those steps: the table gives their
+total too).
 
-1. semi-supervised: 1/8 of CamVid train labeled (46 images, a fixed id list written to
-   the store), the other 321 unlabeled, evaluated on val: supervised only, ST, ST++,
-   mean teacher (+ Balanced ClassMix), mean teacher + STAL contrastive.
-2. day -> dusk: daylight train frames (0006R0, 0016E5) labeled, dusk frames (0001TP)
-   unlabeled, 20 dusk frames held out (a fixed draw) for evaluation: source only, ST,
-   ProDA (started from the source-only model).
+- Reference: full supervision (all 367 train labels) at ``steps`` and at twice the steps;
+  if doubling gains less than 1 mIoU the reference has converged (the table says which).
+- semi: 1/8 of CamVid train labeled (46 images, a fixed id list written to the store), the
+  other 321 unlabeled, evaluated on val: supervised only, ST, ST++, mean teacher with
+  Balanced ClassMix, mean teacher with STAL's contrastive term.
+- dusk: daylight train frames (0006R0, 0016E5) labeled, dusk frames (0001TP) unlabeled, 20
+  dusk frames held out (a fixed draw) for evaluation: source only, ST, ProDA (started from
+  the source-only model of the same seed).
 
-    python benchmarks/ssl_camvid.py                      # small: 90x120, 240 steps per run
-    python benchmarks/ssl_camvid.py --setting full       # 180x240, 1350 steps per run
-    python benchmarks/ssl_camvid.py --only semi --methods supervised,mean_teacher
+Rows run in ``PLAN``'s order (seed 0 of every row first, then more seeds of the rows the
+targets compare), are keyed by (table, method, seed), and a finished row is not rerun; the
+table and JSON are rewritten after every row.
+
+    python benchmarks/ssl_camvid.py                      # small: 90x120, 1000 steps a run
+    python benchmarks/ssl_camvid.py --setting full       # 180x240, 2750 steps a run
+    python benchmarks/ssl_camvid.py --rows semi/supervised,semi/mean_teacher_classmix --seeds 0,1,2
 
 Writes ``benchmarks/results/ssl_camvid_<setting>.json`` and ``.md`` and prints the tables.
-ST and ST++ train several runs (teacher and students), each with the same step budget;
-the table reports their total steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 SETTINGS = {
-    "small": {"size": (90, 120), "steps": 240, "batch": 8, "eval_every": 1000},
-    "full": {"size": (180, 240), "steps": 1350, "batch": 8, "eval_every": 1000},
+    "small": {"size": (90, 120), "steps": 1000, "batch": 8},
+    "full": {"size": (180, 240), "steps": 2750, "batch": 8},
 }
 LABELED = 46  # 1/8 of the 367 train frames
+DUSK_DATA = ["data.target_prefixes=[0001TP]", "data.target_eval_count=20"]
 
-SEMI = {
-    "supervised": ["method.name=supervised"],
-    "st": ["method.name=st"],
-    "st_pp": ["method.name=st_pp", "method.checkpoints_k=3", "method.reliable_ratio=0.5"],
-    "mean_teacher_classmix": ["method.name=mean_teacher", "method.classmix=true", "method.replay_buffer=32",
-                              "method.cold_start_epochs=5"],
-    "mean_teacher_contrastive": ["method.name=mean_teacher", "method.lambda_contrastive=0.1",
-                                 "method.cold_start_epochs=5"],
+ROWS = {
+    "semi/supervised": ["method.name=supervised"],
+    "semi/st": ["method.name=st"],
+    "semi/st_pp": ["method.name=st_pp", "method.checkpoints_k=3", "method.reliable_ratio=0.5"],
+    "semi/mean_teacher_classmix": ["method.name=mean_teacher", "method.classmix=true", "method.replay_buffer=32",
+                                   "method.cold_start_epochs=5"],
+    "semi/mean_teacher_contrastive": ["method.name=mean_teacher", "method.lambda_contrastive=0.1",
+                                      "method.cold_start_epochs=5"],
+    "dusk/source_only": ["method.name=supervised"],
+    "dusk/st": ["method.name=st"],
+    "dusk/st_pp": ["method.name=st_pp", "method.checkpoints_k=3", "method.reliable_ratio=0.5"],
+    "dusk/proda": ["method.name=proda", "method.lambda_structure=0.1"],
 }
-DUSK = {
-    "source_only": ["method.name=supervised"],
-    "st": ["method.name=st"],
-    "proda": ["method.name=proda", "method.lambda_structure=0.1"],
-}
+PLAN = [("reference", 1), *[(row, 0) for row in ROWS], ("reference", 2),
+        *[(row, seed) for seed in (1, 2) for row in ("semi/supervised", "semi/mean_teacher_classmix", "semi/st_pp",
+                                                     "dusk/source_only", "dusk/proda", "dusk/st", "dusk/st_pp")]]
 
 
-def overrides(setting: dict, data_root: str, store: str, steps_per_epoch: int) -> list[str]:
+def common(setting: dict, data_root: str, store: str) -> list[str]:
     h, w = setting["size"]
-    epochs = max(1, round(setting["steps"] / steps_per_epoch))
     return [
         "data.dataset=camvid", f"data.root={data_root}", f"data.base_size=[{h},{w}]", f"data.crop_size=[{h},{w}]",
         "data.scale_range=[0.75,1.5]", f"store.root={store}", "model.arch=lraspp_mobilenet_v3_large",
-        f"train.epochs={epochs}", f"train.batch_size={setting['batch']}", "train.optimizer=adamw", "train.lr=0.002",
-        "train.schedule=onecycle", f"train.eval_every_epochs={min(epochs, setting['eval_every'])}",
+        f"train.steps={setting['steps']}", f"train.batch_size={setting['batch']}", "train.optimizer=adamw",
+        "train.lr=0.002", "train.schedule=onecycle", "train.eval_every_epochs=1000",
         "train.keep_checkpoints=1", "train.log_every_steps=100000",
         "compute.num_workers=1", "compute.cpus_per_worker=1", "compute.threads_per_worker=2",
     ]
@@ -69,22 +79,42 @@ def run_one(name: str, args: list[str]) -> dict:
     started = time.perf_counter()
     if cfg.method.name in ("st", "st_pp"):
         summary = run_self_training(cfg)
-        steps = sum(s.get("steps") or 0 for s in summary.stages.values())
+        steps = [s.get("steps") for s in summary.stages.values() if s.get("steps")]
     else:
         summary = train(cfg)
-        steps = summary.metrics["step"]
-    seconds = time.perf_counter() - started
+        steps = [summary.metrics["step"]]
     metrics = summary.metrics
-    return {"method": name, "val_miou": metrics["val_miou"], "per_class": metrics.get("val_iou_per_class"),
-            "steps": steps, "seconds": seconds, "run": summary.run_uri}
+    return {"val_miou": metrics["val_miou"], "per_class": metrics.get("val_iou_per_class"),
+            "steps": steps, "seconds": time.perf_counter() - started, "run": summary.run_uri}
 
 
-def table(rows: list[dict], title: str) -> str:
-    lines = [f"### {title}", "", "| method | mIoU % | optimiser steps | wall time |", "| --- | ---: | ---: | ---: |"]
-    for row in rows:
-        lines.append(f"| {row['method']} | {100 * row['val_miou']:.2f} | {row['steps']} | "
-                     f"{row['seconds'] / 60:.1f} min |")
-    return "\n".join(lines)
+def labeled_ids_file(data_root: str, store_root: str) -> str:
+    """The 46 labeled ids of the semi table, drawn once (seed 0) and kept in the store."""
+    from segrl.config import load_config
+    from segrl.data.build import build_training_sets
+    from segrl.storage import open_store
+
+    store = open_store(store_root)
+    if not store.exists("labeled_ids.txt"):
+        cfg = load_config(overrides=["data.dataset=camvid", f"data.root={data_root}", f"data.labeled_count={LABELED}"])
+        ids = build_training_sets(cfg.data, seed=0).labeled_ids
+        store.write_text("labeled_ids.txt", "".join(f"{i}\n" for i in ids))
+    return store.uri("labeled_ids.txt")
+
+
+def row_args(row: str, seed: int, base: list[str], data_root: str, store_root: str, results: dict) -> list[str]:
+    table, method = row.split("/")
+    extra = [*base, *ROWS[row], f"train.seed={seed}"]
+    if table == "semi":
+        return [*extra, f"data.labeled_ids={labeled_ids_file(data_root, store_root)}"]
+    extra += DUSK_DATA
+    if method == "proda":  # ProDA starts from the source-only model of the same seed
+        source = results.get(f"dusk/source_only/s{seed}")
+        if source is None:
+            raise RuntimeError(f"dusk/proda seed {seed} needs dusk/source_only seed {seed} first")
+        checkpoint = sorted((Path(source["run"]) / "train").glob("ckpt_*"))[-1] / "checkpoint.pt"
+        extra.append(f"model.weights={checkpoint}")
+    return extra
 
 
 def main() -> None:
@@ -92,68 +122,78 @@ def main() -> None:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="small")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/camvid"))
     parser.add_argument("--store", default="runs/bench_ssl_camvid")
-    parser.add_argument("--only", choices=("semi", "dusk"), default=None)
-    parser.add_argument("--methods", default="", help="comma-separated subset of method names")
+    parser.add_argument("--rows", default="", help="comma-separated rows, e.g. semi/supervised (default: PLAN)")
+    parser.add_argument("--seeds", default="0", help="with --rows: comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a quick check with other steps; its tables get their own file names")
     args = parser.parse_args()
-    setting = SETTINGS[args.setting]
-    wanted = set(filter(None, args.methods.split(",")))
-    store_root = str(Path(args.store).resolve()) + f"_{args.setting}"
-    results: dict[str, list[dict]] = {"semi": [], "dusk": []}
-    out = Path(__file__).parent / "results" / f"ssl_camvid_{args.setting}.json"
-    if out.exists():  # keep earlier rows when a subset is rerun
-        results.update(json.loads(out.read_text()).get("results", {}))
-
-    from segrl.config import load_config
-    from segrl.data.build import build_training_sets
-    from segrl.storage import open_store
-
-    if args.only in (None, "semi"):
-        base = load_config(overrides=["data.dataset=camvid", f"data.root={args.data_root}",
-                                      f"data.labeled_count={LABELED}"])
-        ids = build_training_sets(base.data, seed=0).labeled_ids
-        store = open_store(store_root)
-        store.write_text("labeled_ids.txt", "".join(f"{i}\n" for i in ids))
-        common = [*overrides(setting, args.data_root, store_root, LABELED // setting["batch"]),
-                  f"data.labeled_ids={store.uri('labeled_ids.txt')}"]
-        for method, extra in SEMI.items():
-            if wanted and method not in wanted:
-                continue
-            row = run_one(f"semi_{method}", [*common, *extra])
-            row["method"] = method
-            results["semi"] = [r for r in results["semi"] if r["method"] != method] + [row]
-            _save(out, args.setting, setting, results)
-    if args.only in (None, "dusk"):
-        dusk_data = ["data.target_prefixes=[0001TP]", "data.target_eval_count=20"]
-        base = load_config(overrides=["data.dataset=camvid", f"data.root={args.data_root}", *dusk_data])
-        sources = len(build_training_sets(base.data, seed=0).labeled)
-        common = [*overrides(setting, args.data_root, store_root, sources // setting["batch"]), *dusk_data]
-        source_run = None
-        for method, extra in DUSK.items():
-            if wanted and method not in wanted:
-                continue
-            more = list(extra)
-            if method == "proda":
-                source_run = source_run or str(Path(store_root) / "dusk_source_only")
-                checkpoint = sorted((Path(source_run) / "train").glob("ckpt_*"))[-1] / "checkpoint.pt"
-                more.append(f"model.weights={checkpoint}")
-            row = run_one(f"dusk_{method}", [*common, *more])
-            row["method"] = method
-            if method == "source_only":
-                source_run = row["run"]
-            results["dusk"] = [r for r in results["dusk"] if r["method"] != method] + [row]
-            _save(out, args.setting, setting, results)
+    plan = PLAN
+    if args.rows:
+        unknown = [r for r in args.rows.split(",") if r not in ROWS]
+        if unknown:
+            parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+        plan = [(row, int(seed)) for seed in args.seeds.split(",") for row in args.rows.split(",")]
+    setting = dict(SETTINGS[args.setting], **({"steps": args.steps} if args.steps else {}))
+    tag = args.setting + (f"_steps{args.steps}" if args.steps else "")
+    store_root = str(Path(args.store).resolve()) + f"_{tag}"
+    out = Path(__file__).parent / "results" / f"ssl_camvid_{tag}.json"
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    same = saved.get("steps") == setting["steps"]
+    results, reference = (saved.get("results", {}), saved.get("reference", {})) if same else ({}, {})
+    base = common(setting, args.data_root, store_root)
+    for row, arg in plan:
+        if row == "reference":
+            steps = arg * setting["steps"]
+            if str(steps) not in reference:
+                reference[str(steps)] = run_one(f"full_supervision_{steps}", [*base, f"train.steps={steps}"])
+                save(out, tag, setting, reference, results)
+            continue
+        key = f"{row}/s{arg}"
+        if key in results:
+            continue  # finished rows are not rerun
+        name = key.replace("/", "_")
+        results[key] = dict(run_one(name, row_args(row, arg, base, args.data_root, store_root, results)),
+                            row=row, seed=arg)
+        save(out, tag, setting, reference, results)
+    save(out, tag, setting, reference, results)
     print(out.with_suffix(".md").read_text())
 
 
-def _save(out: Path, name: str, setting: dict, results: dict[str, list[dict]]) -> None:
+def save(out: Path, name: str, setting: dict, reference: dict, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"setting": name, **setting, "results": results}, indent=2))
-    text = [f"CamVid label efficiency, setting '{name}': {setting}", ""]
-    if results["semi"]:
-        text += [table(results["semi"], f"1/8 labeled ({LABELED} images), val mIoU"), ""]
-    if results["dusk"]:
-        text += [table(results["dusk"], "day -> dusk, held-out dusk mIoU (20 frames)"), ""]
-    out.with_suffix(".md").write_text("\n".join(text))
+    out.write_text(json.dumps({"setting": name, **setting, "reference": reference, "results": results}, indent=2))
+    lines = [f"# CamVid self-training, setting '{name}'", "",
+             f"{setting['size'][0]}x{setting['size'][1]}, batch {setting['batch']}, LR-ASPP MobileNetV3-Large from "
+             f"scratch, AdamW one-cycle; every training run {setting['steps']} optimiser steps.", "",
+             "## Reference: full supervision (val mIoU)", "", "| steps | val mIoU % | wall time |",
+             "| ---: | ---: | ---: |"]
+    for steps, r in sorted(reference.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {steps} | {100 * r['val_miou']:.2f} | {r['seconds'] / 60:.1f} min |")
+    ref, doubled = reference.get(str(setting["steps"])), reference.get(str(2 * setting["steps"]))
+    if ref and doubled:
+        gain = 100 * (doubled["val_miou"] - ref["val_miou"])
+        verdict = "converged (doubling gains < 1 mIoU)" if gain < 1 else "NOT converged (doubling gains >= 1 mIoU)"
+        lines += ["", f"Doubling the steps: {gain:+.2f} mIoU: {verdict}."]
+    titles = {"semi": f"1/8 labeled ({LABELED} images), val mIoU",
+              "dusk": "day -> dusk, held-out dusk mIoU (20 frames)"}
+    for table, title in titles.items():
+        rows: dict[str, list[dict]] = {}
+        for result in results.values():
+            if result["row"].startswith(table + "/"):
+                rows.setdefault(result["row"].split("/")[1], []).append(result)
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", "mean ± std over seeds (n); steps: of each training run (teacher, students).",
+                  "", "| method | mIoU % | n | seeds | steps per run | wall time per seed |",
+                  "| --- | ---: | ---: | --- | --- | ---: |"]
+        for method, runs in sorted(rows.items(), key=lambda kv: -statistics.fmean(r["val_miou"] for r in kv[1])):
+            values = [100 * r["val_miou"] for r in runs]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            seeds = ", ".join(f"{r['seed']}: {100 * r['val_miou']:.2f}" for r in runs)
+            minutes = statistics.fmean(r["seconds"] for r in runs) / 60
+            lines.append(f"| {method} | {statistics.fmean(values):.2f}{spread} | {len(runs)} | {seeds} | "
+                         f"{' + '.join(map(str, runs[0]['steps']))} | {minutes:.1f} min |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
