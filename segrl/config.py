@@ -43,6 +43,9 @@ class DataConfig:
     scale_range: tuple[float, ...] = (0.5, 2.0)  # random scale of the weak view
     hflip: bool = True
     loader_workers: int = 0  # DataLoader processes per Ray Train worker
+    # Memory per training worker for frames decoded and resized once (labeled, unlabeled,
+    # then val sets, while they fit; DataLoader processes share them); 0 = decode every draw.
+    cache_bytes: int = 512 * 2**20
     # Synthetic scenes (the zero-download default): sizes and render settings.
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
@@ -67,6 +70,7 @@ class DataConfig:
     batch_ratio: tuple[float, ...] = (1.0, 0.0, 1.0)
 
     def validate(self) -> None:
+        _at_least("data.cache_bytes", self.cache_bytes, 0)
         _one_of("data.dataset", self.dataset, ("synthetic", "camvid", "cityscapes", "manifest"))
         if self.dataset != "synthetic" and not self.root:
             _fail("data.root", self.root, f"is required for dataset '{self.dataset}'")

@@ -84,6 +84,13 @@ class SplitView(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def transform(self):
+        return self.base.transform
+
+    def raw(self, i: int) -> dict:
+        return self.base.raw(self.indices[i])
+
     def __getitem__(self, i: int) -> dict:
         return self.base[self.indices[i]]
 

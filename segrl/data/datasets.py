@@ -106,11 +106,15 @@ class FilePairDataset(Dataset):
         _, image_path, label_path = self.items[i]
         return load_pair(image_path, label_path, self.lut)
 
-    def __getitem__(self, i: int) -> dict:
+    def raw(self, i: int) -> dict:
+        """Frame i decoded, before the transform (what a frame cache keeps)."""
         from segrl.data.transforms import to_raw_sample
 
         image, mask = self.load(i)
-        return self.transform(to_raw_sample(image, mask, self.items[i][0]))
+        return to_raw_sample(image, mask, self.items[i][0])
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.raw(i))
 
 
 class CamVid(FilePairDataset):
@@ -331,14 +335,18 @@ class ManifestDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} rows")
         return load_pair(self.image_uri(i), self.label_uri(i), self.lut, self.endpoint_url)
 
-    def __getitem__(self, i: int) -> dict:
+    def raw(self, i: int) -> dict:
+        """Row i decoded, with its metadata columns, before the transform."""
         from segrl.data.transforms import to_raw_sample
 
         image, mask = self.load(i)
         sample = to_raw_sample(image, mask, self.sample_id(i))
         for name, column in self._metadata.items():
             sample[name] = column[i].as_py()
-        return self.transform(sample)
+        return sample
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.raw(i))
 
 
 def posix_basename(uri: str) -> str:

@@ -54,10 +54,14 @@ class PoolDataset(Dataset):
     def image_uri(self, i: int) -> str:
         return self._uris[i].as_py()
 
-    def __getitem__(self, i: int) -> dict:
+    def raw(self, i: int) -> dict:
+        """Frame i decoded (mask all ignore), before the transform."""
         image = load_pool_image(self.image_uri(i), self.endpoint_url)
         mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        return self.transform(to_raw_sample(image, mask, self.sample_id(i)))
+        return to_raw_sample(image, mask, self.sample_id(i))
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.raw(i))
 
 
 def dataset_frames(dataset: Dataset) -> list[tuple[str, str]]:

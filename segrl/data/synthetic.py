@@ -660,11 +660,15 @@ class SyntheticScenes(Dataset):
     def sample_id(self, i: int) -> str:
         return synthetic_id(self.domain, self.seed, self.split, i)
 
-    def __getitem__(self, i: int) -> dict:
+    def raw(self, i: int) -> dict:
+        """Frame i rendered, before the transform."""
         from segrl.data.transforms import to_raw_sample
 
         image, label = self.render(i)
-        return self.transform(to_raw_sample(image, label, self.sample_id(i)))
+        return to_raw_sample(image, label, self.sample_id(i))
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.raw(i))
 
 
 def write_synthetic_dataset(

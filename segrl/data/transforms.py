@@ -243,29 +243,41 @@ def weak_transform(
     return v2.Compose(steps)
 
 
+class TwoStage:
+    """``post(pre(sample))``. ``pre`` is the deterministic part (the resize to
+    ``data.base_size``), so a frame's ``pre`` output can be decoded and kept once
+    (:class:`segrl.data.cache.CachedFrames`); ``post`` is the random augmentation and the
+    conversion, drawn afresh every time."""
+
+    def __init__(self, pre: Callable[[Sample], Sample], post: Callable[[Sample], Sample]) -> None:
+        self.pre, self.post = pre, post
+
+    def __call__(self, sample: Sample) -> Sample:
+        return self.post(self.pre(sample))
+
+
+def _unchanged(sample: Sample) -> Sample:
+    return sample
+
+
 def train_transform(
     crop_size: int | Sequence[int],
     base_size: int | Sequence[int] | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     hflip: bool = True,
-) -> v2.Compose:
+) -> TwoStage:
     """Raw sample -> final weak-augmented sample with image 3 x crop_h x crop_w.
 
     ``base_size`` (H, W), if given, first resizes every frame to a common resolution;
     the random scale is relative to that.
     """
-    steps: list[Callable] = []
-    if base_size:
-        steps.append(resize(base_size))
-    steps += [weak_transform(crop_size, scale_range, hflip), ToTensors()]
-    return v2.Compose(steps)
+    return TwoStage(resize(base_size) if base_size else _unchanged,
+                    v2.Compose([weak_transform(crop_size, scale_range, hflip), ToTensors()]))
 
 
-def eval_transform(base_size: int | Sequence[int] | None = None) -> v2.Compose:
+def eval_transform(base_size: int | Sequence[int] | None = None) -> TwoStage:
     """Raw sample -> final sample, optionally resized to ``base_size`` (H, W)."""
-    steps: list[Callable] = [resize(base_size)] if base_size else []
-    steps.append(ToTensors())
-    return v2.Compose(steps)
+    return TwoStage(resize(base_size) if base_size else _unchanged, ToTensors())
 
 
 def strong_transform(

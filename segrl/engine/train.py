@@ -57,7 +57,8 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
-RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs")
+RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
+                     "data.cache_bytes")  # the cache changes speed, not results
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from segrl.data.build import build_training_sets
+    from segrl.data.cache import cache_training_sets
     from segrl.losses import inverse_sqrt_frequency_weights
     from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
@@ -264,6 +266,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     endpoint = cfg.store.endpoint_url
 
     sets = build_training_sets(cfg.data, tcfg.seed, endpoint)
+    for line in cache_training_sets(sets, cfg.data.cache_bytes):
+        if rank == 0:
+            say(line)
     classes = sets.classes
     ignore = sets.labeled.ignore_index
     n_source, n_target, n_unlabeled = batch_sizes(tcfg.batch_size, cfg.data.batch_ratio)
