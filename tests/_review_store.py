@@ -73,8 +73,9 @@ ROUNDS = [
 ]
 
 
-def write_review_run(root: Path, *overrides: str) -> ReviewRun:
-    """The store of run ``review`` under ``root`` (see the module doc), config ``overrides`` applied."""
+def write_review_run(root: Path, *overrides: str, with_model: bool = True) -> ReviewRun:
+    """The store of run ``review`` under ``root`` (see the module doc), config ``overrides``
+    applied; ``with_model=False`` saves no checkpoint (``model_of`` must then not be used)."""
     cfg = load_config(str(REPO / "configs" / "stal_synthetic.yaml"),
                       [f"store.root={root}", "run=review", "al.acquisition=region_entropy",
                        "report.thumbnail_width=96", *overrides])
@@ -100,7 +101,7 @@ def write_review_run(root: Path, *overrides: str) -> ReviewRun:
                   "score": 0.5 + 0.1 * k} for k, row in enumerate(regions)], schema=REGIONS_SCHEMA))
             rows.append({"round": r, "labeled_share": 0.05 * (r + 1), "val_miou": 0.2 + 0.1 * r,
                          "val_iou_per_class": {c: (k + r) / (len(classes) + 2) for k, c in enumerate(classes)}})
-    model = build_model(ARCH, len(classes))
     checkpoint = str(root / "model" / "ckpt_000001")
-    save_scoring_checkpoint(checkpoint, model, ARCH, classes, image_size=(H, W))
+    if with_model:
+        save_scoring_checkpoint(checkpoint, build_model(ARCH, len(classes)), ARCH, classes, image_size=(H, W))
     return ReviewRun(store, cfg, state, rows, checkpoint)
