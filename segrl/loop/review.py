@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from segrl.config import ConfigError, ExperimentConfig, ScoreConfig
-from segrl.data.labels import decode_label
+from segrl.data.labels import DataError, decode_label
 from segrl.data.pool import load_pool_image
 from segrl.engine.score import decode_frames
 from segrl.labeling import requested_mask, rows_by_image, store_mask_reader
@@ -281,31 +281,33 @@ class RoundReview:
         self.palette, self.truth, self.model_of = palette, truth, model_of
 
     def frames(self, groups: dict[str, list[dict]], labeled: bool) -> list[dict[str, Any]]:
-        """The first ``report.frames_per_round`` frames in pick order, with their thumbnails.
+        """The frames of ``groups`` (the round's first ones, in pick order) with their thumbnails.
 
-        Drawn once and kept in ``frames.json``; the truth view of an external round is
-        drawn once its answers are in (``labeled``)."""
+        Drawn once and kept in ``frames.json`` (redrawn only for other ``report.*`` sizes);
+        the truth view of an external round is drawn once its answers are in (``labeled``)."""
         key = f"{self.folder}/{FOLDER}/frames.json"
-        changed = not self.store.exists(key)
+        sizes = {"frames_per_round": self.cfg.report.frames_per_round,
+                 "thumbnail_width": self.cfg.report.thumbnail_width}
+        cached = self.store.read_json(key) if self.store.exists(key) else {}
+        changed = {k: cached.get(k) for k in sizes} != sizes
         if changed:
             frames = self._frames_meta(groups)
             self._draw_requests_and_predictions(frames, groups)
         else:
-            frames = self.store.read_json(key)
+            frames = cached["frames"]
         if self.truth is not None or labeled:
             for frame in frames:
-                if frame["truth"] is None:
+                if frame["truth"] is None and frame["error"] is None:
                     frame["truth"], frame["truth_kind"] = self._draw_truth(frame)
                     changed = True
         if changed:
-            self.store.write_json(key, frames)  # last: its presence says the drawings are whole
+            self.store.write_json(key, {**sizes, "frames": frames})  # last: the drawings are whole
         return frames
 
     def _frames_meta(self, groups: dict[str, list[dict]]) -> list[dict[str, Any]]:
-        shown = dict(list(groups.items())[: self.cfg.report.frames_per_round])
-        score_name, scores = frame_scores(self.store, self.r, self.cfg.al.acquisition, shown)
+        score_name, scores = frame_scores(self.store, self.r, self.cfg.al.acquisition, groups)
         frames = []
-        for rank, (image_id, rows) in enumerate(shown.items(), start=1):
+        for rank, (image_id, rows) in enumerate(groups.items(), start=1):
             units = sorted({row["unit"] for row in rows})
             frames.append({
                 "id": image_id, "rank": rank, "uri": rows[0]["uri"], "height": rows[0]["height"],
@@ -314,6 +316,7 @@ class RoundReview:
                 "cost_clicks": sum(row["cost_clicks"] for row in rows),
                 "score_name": score_name, "score": scores.get(image_id),
                 "request": None, "prediction": None, "prediction_model": None, "truth": None, "truth_kind": None,
+                "error": None,
             })
         return frames
 
@@ -330,15 +333,20 @@ class RoundReview:
             rows = groups[frame["id"]]
             pixel_rows = [row for row in rows if row["unit"] == "pixels"]
             mask = requested_mask(pixel_rows, read_mask) if pixel_rows else None
-            image = load_pool_image(frame["uri"], endpoint)
+            try:
+                image = load_pool_image(frame["uri"], endpoint)
+            except DataError as exc:  # a frame gone since it was chosen: say so, show the others
+                frame["error"] = str(exc)
+                continue
             key = self._thumb_key(frame, "request", "jpg")
             self.store.write_bytes(key, encoded(draw_request(image, rows, mask, self._size(frame)), "JPEG"))
             frame["request"] = key
-        if self.r == 0 or self.model_of is None or not frames:
+        readable = [f for f in frames if f["error"] is None]
+        if self.r == 0 or self.model_of is None or not readable:
             return
         checkpoint, image_size = self.model_of(self.r - 1)  # the model whose scores chose these frames
-        predicted = predictions(checkpoint, image_size, [(f["id"], f["uri"]) for f in frames], self.cfg)
-        for frame in frames:
+        predicted = predictions(checkpoint, image_size, [(f["id"], f["uri"]) for f in readable], self.cfg)
+        for frame in readable:
             key = self._thumb_key(frame, "prediction", "png")
             image = color_labels(predicted[frame["id"]], self.palette, self._size(frame))
             self.store.write_bytes(key, encoded(image, "PNG"))
@@ -357,12 +365,12 @@ class RoundReview:
         self.store.write_bytes(key, encoded(color_labels(label, self.palette, self._size(frame)), "PNG"))
         return key, kind
 
-    def class_pixels(self, groups: dict[str, list[dict]], num_classes: int) -> list[int] | None:
-        """Labeled pixels per class this round added (its answers), None before they exist."""
+    def class_pixels(self, ids: pa.Array, num_classes: int) -> list[int]:
+        """Labeled pixels per class the round's answers (of images ``ids``) added; read once."""
         key = f"{self.folder}/{FOLDER}/class_pixels.json"
         if self.store.exists(key):
             return self.store.read_json(key)
-        labels = (_read_label(self.store, f"{self.folder}/labels/{image_id}.png") for image_id in groups)
+        labels = (_read_label(self.store, f"{self.folder}/labels/{image_id}.png") for image_id in ids.to_pylist())
         counts = class_pixel_counts((label for label in labels if label is not None), num_classes)
         self.store.write_json(key, counts)
         return counts
@@ -442,14 +450,17 @@ def review_data(store: ArtifactStore, cfg: ExperimentConfig, state: dict[str, An
         if f"{r:02d}/select" not in done:
             break
         selection = store.read_table(f"rounds/{r:02d}/selection.parquet")
-        groups = rows_by_image(selection) if selection.num_rows else {}
+        ids = pc.unique(selection.column("id"))  # in pick order: unique keeps first appearances
+        # only the shown frames' rows become Python objects: LabOR SPL asks for every pool image
+        shown = selection.filter(pc.is_in(selection.column("id"), value_set=ids[: cfg.report.frames_per_round]))
+        groups = rows_by_image(shown) if shown.num_rows else {}
         review = RoundReview(store, cfg, r, palette, truth, model_of)
-        added = review.class_pixels(groups, len(classes)) if f"{r:02d}/label" in done else None
+        added = review.class_pixels(ids, len(classes)) if f"{r:02d}/label" in done else None
         if added is not None:
             so_far = so_far + np.asarray(added, np.int64)
         row = metrics_of.get(r, {})
         rounds.append({
-            "round": r, "images": len(groups), "requests": selection.num_rows,
+            "round": r, "images": len(ids), "requests": selection.num_rows,
             "units": sorted(set(selection.column("unit").to_pylist())),
             "cost_pixels": int(pc.sum(selection.column("cost_pixels")).as_py() or 0),
             "cost_clicks": int(pc.sum(selection.column("cost_clicks")).as_py() or 0),
@@ -563,7 +574,7 @@ cost {{ "{:,}".format(rd.cost_pixels) }} pixels{% if rd.cost_clicks %}, {{ "{:,}
 {% for f in rd.frames %}
 <figure class="frame" data-id="{{ f.id }}">
 <div class="views">
-<div class="view"><img class="thumb" src="{{ f.request }}" alt="request on {{ f.id }}">requested</div>
+{% if f.error %}<div class="view missing">{{ f.error }}</div>{% else %}<div class="view"><img class="thumb" src="{{ f.request }}" alt="request on {{ f.id }}">requested</div>{% endif %}
 {% if f.prediction %}<div class="view"><img class="thumb" src="{{ f.prediction }}" alt="prediction on {{ f.id }}">prediction ({{ f.prediction_model }})</div>{% endif %}
 {% if f.truth %}<div class="view"><img class="thumb" src="{{ f.truth }}" alt="{{ f.truth_kind }} of {{ f.id }}">{{ f.truth_kind }}</div>{% endif %}
 </div>

@@ -13,6 +13,7 @@ from _review_store import IDS, ROUNDS, write_review_run
 
 from segrl.config import ConfigError, replace
 from segrl.engine.train import record_config, run_store
+from segrl.labeling import selection_table
 from segrl.loop.review import (
     DATA,
     PAGE,
@@ -202,3 +203,24 @@ def test_frames_per_round_zero_shows_no_thumbnails(tmp_path):
     run = write_review_run(tmp_path, "report.frames_per_round=0", with_model=False)
     data = write_review(run.store, run.cfg, run.state, run.rows, truth=run.truth, model_of=run.model_of)
     assert all(rd["frames"] == [] for rd in data["rounds"]) and len(IDS) == 8
+
+
+def test_other_report_sizes_redraw_a_rounds_frames(tmp_path):
+    run = write_review_run(tmp_path, "report.frames_per_round=1", with_model=False)
+    first = write_review(run.store, run.cfg, run.state, run.rows, truth=run.truth)
+    more = replace(run.cfg, **{"report.frames_per_round": 3})
+    second = write_review(run.store, more, run.state, run.rows, truth=run.truth)
+    assert [len(rd["frames"]) for rd in first["rounds"]] == [1, 1, 1]
+    assert [len(rd["frames"]) for rd in second["rounds"]] == [2, 3, 3]
+
+
+def test_a_frame_that_cannot_be_read_any_more_is_named_and_the_others_shown(tmp_path):
+    run = write_review_run(tmp_path, with_model=False)
+    selection = run.store.read_table("rounds/00/selection.parquet").to_pylist()
+    selection[1]["uri"] = str(tmp_path / "gone.png")
+    run.store.write_table("rounds/00/selection.parquet", selection_table(selection))
+    data = write_review(run.store, run.cfg, run.state, run.rows, truth=run.truth)
+    frames = data["rounds"][-1]["frames"]
+    assert [f["error"] is None for f in frames] == [True, False, True]
+    assert "gone.png" in frames[1]["error"] and frames[1]["request"] is None and frames[1]["truth"] is None
+    assert "gone.png" in run.store.read_text(PAGE)
