@@ -494,9 +494,9 @@ def review_data(store: ArtifactStore, cfg: ExperimentConfig, state: dict[str, An
 
 def _write_plots(store: ArtifactStore, cfg: ExperimentConfig, classes: list[str],
                  rows: list[dict[str, Any]], rounds: list[dict[str, Any]], series: list[dict],
-                 full: float | None) -> dict[str, str]:
-    """The curve, IoU heat map and class bars under review/; their keys by name."""
-    plots = {}
+                 full: float | None) -> dict[str, str | None]:
+    """The curve, IoU heat map and class bars under review/; their keys by name (None: not yet)."""
+    plots: dict[str, str | None] = {"iou_per_class": None, "labeled_pixels_per_class": None}
     store.write_bytes(f"{FOLDER}/miou_curve.png", curve_png(series, full, f"{cfg.run_name}: val mIoU vs labels"))
     plots["curve"] = f"{FOLDER}/miou_curve.png"
     trained = [row for row in rows if row.get("val_iou_per_class")]

@@ -224,3 +224,14 @@ def test_a_frame_that_cannot_be_read_any_more_is_named_and_the_others_shown(tmp_
     assert [f["error"] is None for f in frames] == [True, False, True]
     assert "gone.png" in frames[1]["error"] and frames[1]["request"] is None and frames[1]["truth"] is None
     assert "gone.png" in run.store.read_text(PAGE)
+
+
+def test_the_page_after_the_first_step_shows_round_0_waiting_and_only_the_curve(tmp_path):
+    run = write_review_run(tmp_path, with_model=False)
+    first = {**run.state, "done": ["00/select"], "log": run.state["log"][:1]}
+    data = write_review(run.store, run.cfg, first, [], truth=None)
+    assert [rd["round"] for rd in data["rounds"]] == [0] and not data["rounds"][0]["labeled"]
+    assert data["plots"] == {"curve": "review/miou_curve.png", "iou_per_class": None,
+                             "labeled_pixels_per_class": None}
+    html = run.store.read_text(PAGE)
+    assert "Waiting for labels." in html and html.count("<img") == 1 + 3  # the curve, 3 requests
