@@ -354,7 +354,7 @@ class ReportConfig:
     """The loop's review page, ``review.html`` (and ``review.json``) beside ``report.md``."""
 
     frames_per_round: int = 12  # thumbnails per round, best first (a round may ask for thousands)
-    thumbnail_width: int = 240  # pixels; thumbnails are JPEG/PNG files under rounds/<NN>/review/
+    thumbnail_width: int = 160  # pixels; thumbnails are JPEG/PNG files under rounds/<NN>/review/
     compare_runs: tuple[str, ...] = ()  # other loop runs (folders or s3:// URIs) on the mIoU curve
     full_supervision_run: str = ""  # a jobs/train.py run whose val mIoU is the full-supervision line
 

@@ -149,7 +149,7 @@ def _png(fig: Any) -> bytes:
 def curve_png(series: list[dict[str, Any]], full_supervision: float | None, title: str) -> bytes:
     """val mIoU (%) against labeled share of the pool (%): one line per run, the first one
     (this run) annotated with its rounds; ``full_supervision`` (0-1) a dashed line."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
     for k, run in enumerate(series):
         xs = [100 * p["labeled_share"] for p in run["points"]]
         ys = [100 * p["val_miou"] for p in run["points"]]
@@ -188,7 +188,7 @@ def iou_heatmap_png(rounds: list[int], classes: list[str], iou: np.ndarray) -> b
 
 def class_pixels_png(rounds: list[int], classes: list[str], counts: np.ndarray) -> bytes:
     """Labeled pixels per class so far: one bar per class, stacked by the round that added them."""
-    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.28 * len(classes)), dpi=100)
+    fig, ax = plt.subplots(figsize=(5, 1.2 + 0.28 * len(classes)), dpi=100)
     left = np.zeros(len(classes))
     shades = plt.get_cmap("Greys")(np.linspace(0.35, 0.85, max(len(rounds), 1)))
     for i, r in enumerate(rounds):
