@@ -165,7 +165,7 @@ def curve_png(series: list[dict[str, Any]], full_supervision: float | None, titl
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if series or full_supervision is not None:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")  # away from the points
     fig.tight_layout()
     return _png(fig)
 
