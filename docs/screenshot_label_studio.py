@@ -5,8 +5,8 @@
 Starts ``label-studio`` (dev extras) on 127.0.0.1 with a throwaway data folder, exports one
 CamVid frame's request (a region and three points) with segrl, creates a project with its
 config and tasks, logs in with headless Chromium and saves the labeling page. Needs
-``pip install playwright`` and a Chromium binary (``apt-get install chromium``; no
-``playwright install``): both only for this picture, so neither is in pyproject.toml.
+playwright (dev extras) and a Chromium binary (``apt-get install chromium``; no
+``playwright install``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
     python jobs/stal_loop.py --config ... --resume <run>        # or rerun with the same run name
 
 Every round prints the table so far; the store holds state.json, each round's selection,
-labels, model, scores and metrics, and report.md + miou_vs_labeled.png across rounds.
+labels, model, scores and metrics, and report.md + miou_vs_labeled.png across rounds, and
+review.html, a page of what each round chose (rewritten after every step).
 With ``al.labeling=external`` the job stops after exporting what to label; import the
 answers with jobs/import_labels.py and rerun to continue.
 """
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report:  {run}/report.md")
     print(f"plot:    {run}/miou_vs_labeled.png")
     print(f"metrics: {run}/metrics.json")
+    print(f"review:  {run}/review.html")
     return 0
 
 

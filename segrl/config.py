@@ -362,6 +362,21 @@ ANNOTATION_TOOLS = ("label_studio", "cvat")
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The loop's review page, ``review.html`` (and ``review.json``) beside ``report.md``."""
+
+    frames_per_round: int = 12  # thumbnails per round, best first (a round may ask for thousands)
+    thumbnail_width: int = 160  # pixels; thumbnails are JPEG/PNG files under rounds/<NN>/review/
+    compare_runs: tuple[str, ...] = ()  # other loop runs (folders or s3:// URIs) on the mIoU curve
+    full_supervision_run: str = ""  # a jobs/train.py run whose val mIoU is the full-supervision line
+
+    def validate(self) -> None:
+        _at_least("report.frames_per_round", self.frames_per_round, 0)
+        if not 32 <= self.thumbnail_width <= 1024:
+            _fail("report.thumbnail_width", self.thumbnail_width, "must be in [32, 1024]")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where runs are written: a local folder or s3://bucket/prefix on any S3 endpoint.
 
@@ -412,6 +427,7 @@ class ExperimentConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     al: ALConfig = field(default_factory=ALConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def run_name(self) -> str:
@@ -424,7 +440,7 @@ class ExperimentConfig:
         if not self.name:
             _fail("name", self.name, "must not be empty")
         sections = (self.data, self.model, self.train, self.method, self.store, self.compute, self.al,
-                    self.annotation)
+                    self.annotation, self.report)
         for section in sections:
             section.validate()
 
@@ -675,6 +691,8 @@ def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
             "train.resume_from": absolute(cfg.train.resume_from),
             "method.teacher_weights": absolute(cfg.method.teacher_weights),
             "store.root": absolute(cfg.store.root),
+            "report.compare_runs": tuple(absolute(run) for run in cfg.report.compare_runs),
+            "report.full_supervision_run": absolute(cfg.report.full_supervision_run),
         },
     )
 

@@ -104,7 +104,8 @@ def record_config(store: ArtifactStore, cfg: ExperimentConfig) -> None:
         store.write_yaml(CONFIG_FILE, resolved)
         return
     saved = store.read_yaml(CONFIG_FILE)
-    changed = [k for k in _diff_keys(saved, resolved) if not k.startswith("compute.")]
+    # where it runs and what its review page shows never change a run's results
+    changed = [k for k in _diff_keys(saved, resolved) if k.split(".")[0] not in ("compute", "report")]
     blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
     if blocking:
         key = blocking[0]

@@ -19,6 +19,8 @@ scores the pool with it (Ray Data), except that the last round only trains. Layo
     rounds/<NN>/scores.parquet, regions.parquet, errors.parquet   the round's scoring
     rounds/<NN>/metrics.json    eval mIoU, per-class IoU, labels so far, seconds per step
     metrics.json, report.md, miou_vs_labeled.png   across rounds
+    review.html, review.json, review/   the review page (segrl.loop.review), after every step
+    rounds/<NN>/review/         its thumbnails of the round's first report.frames_per_round frames
 
 A step is recorded in ``state.json`` only after its outputs are written, and each step
 rewrites the same outputs if it is run again, so a rerun after a crash continues with
@@ -62,6 +64,7 @@ from segrl.labeling.tools import export_tools
 from segrl.loop.labor import labor_rows
 from segrl.loop.points import initial_point_row, point_rows
 from segrl.loop.report import miou_plot_png, rounds_table
+from segrl.loop.review import write_review
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
     POOL_COLUMNS,
@@ -136,6 +139,7 @@ class ActiveLearningLoop:
                                   "finished": datetime.now(timezone.utc).isoformat(), **result})
         self.state["status"] = "running"
         self._save_state()
+        self.write_review()
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -485,6 +489,14 @@ class ActiveLearningLoop:
         self.store.write_bytes("miou_vs_labeled.png",
                                miou_plot_png(rows, f"{self.cfg.run_name} ({self.al.acquisition})"))
         return table
+
+    def write_review(self) -> str:
+        """Rewrite review.html and review.json for the steps done so far (segrl.loop.review); its URI."""
+        if not hasattr(self, "state"):  # jobs/review_page.py: a page of a stored run, no step run
+            self.state = self._load_state()
+        write_review(self.store, self.cfg, self.state, self._round_rows(), model_of=self._final_model,
+                     truth=self._truth if self.al.labeling == "oracle" else None)
+        return self.store.uri("review.html")
 
     def _summary(self, status: str, message: str = "") -> LoopSummary:
         rows = self._round_rows()

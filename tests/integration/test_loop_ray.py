@@ -109,6 +109,15 @@ def test_killed_labor_loop_resumes_without_repeating_a_step_and_asks_disagreemen
     assert "status:  finished" in resumed.stdout
     assert (run / "miou_vs_labeled.png").read_bytes()[:4] == b"\x89PNG"
     assert "| round |" in (run / "report.md").read_text()
+    # the review page, rewritten after each step: both rounds, round 1's LabOR segments tinted
+    # and predicted by round 0's model; every picture it shows is a file of the run folder
+    review = json.loads((run / "review.json").read_text())
+    assert review["last_step"] == "01/train" and [rd["round"] for rd in review["rounds"]] == [1, 0]
+    assert all(f["prediction"] and f["truth"] and f["units"] == ["pixels"] for f in review["rounds"][0]["frames"])
+    assert review["rounds"][0]["frames"] and review["rounds"][0]["frames"][0]["score_name"] == "disagree_pixels"
+    html = (run / "review.html").read_text()
+    assert html.count('<section class="round"') == 2
+    assert all((run / src).is_file() for src in re.findall(r'<img[^>]* src="([^"]+)"', html))
 
     # the console: the resumed driver trained round 1 only, each epoch line once, no Ray INFO records
     console = (resumed.stdout + resumed.stderr).splitlines()
