@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from segrl.console import exit_now
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -98,4 +100,4 @@ def _num_classes(state: dict, source: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the status a script sees, never an abort in the interpreter's teardown

@@ -64,7 +64,6 @@ from segrl.labeling.tools import export_tools
 from segrl.loop.labor import labor_rows
 from segrl.loop.points import point_rows
 from segrl.loop.report import miou_plot_png, rounds_table
-from segrl.loop.state import STATE_FILE, read_state
 from segrl.loop.select import (
     LABOR_ACQUISITIONS,
     POOL_COLUMNS,
@@ -77,6 +76,7 @@ from segrl.loop.select import (
     select_image_step,
     select_region_step,
 )
+from segrl.loop.state import STATE_FILE, read_state
 from segrl.scoring import inspect_checkpoints, resolve_image_size
 from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
