@@ -18,12 +18,12 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
@@ -198,10 +198,13 @@ def iter_pool_batches(
         yield pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string())], schema=POOL_SCHEMA)
 
 
-def duplicate_ids(ids: Iterable[str]) -> dict[str, int]:
-    """Each id that occurs more than once, with its count, in first-seen order."""
-    counts = Counter(ids)
-    return {i: n for i, n in counts.items() if n > 1}
+def duplicate_ids(ids: Iterable[str] | pa.ChunkedArray) -> dict[str, int]:
+    """Each id that occurs more than once, with its count, in first-seen order (Arrow's hash
+    count: a pool of millions of ids costs their bytes, not millions of Python objects)."""
+    column = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([pa.array(list(ids), pa.string())])
+    counts = pc.value_counts(column)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    return dict(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist(), strict=True))
 
 
 def check_unique_ids(ids: Iterable[str], source: str) -> None:
@@ -231,7 +234,7 @@ def check_pool_ids(uri: str, endpoint_url: str | None = None) -> None:
     """Read a pool's ids once (no image) and refuse repeated ones; synthetic pools cannot repeat."""
     if pool_kind(uri) == "synthetic":
         return
-    ids = (i for batch in iter_pool_batches(uri, 65536, endpoint_url) for i in batch.column(0).to_pylist())
+    ids = pa.chunked_array([batch.column(0) for batch in iter_pool_batches(uri, 65536, endpoint_url)], pa.string())
     check_unique_ids(ids, f"pool {uri}")
 
 
