@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from segrl.config import ConfigError, ScoreConfig, absolute_local_path, replace, to_dict
 from segrl.data.labels import DataError
-from segrl.data.pool import check_pool_ids, id_file_problem
+from segrl.data.pool import check_pool_ids, id_file_problem, load_pool_frame
 from segrl.storage import ArtifactStore, open_store
 
 WORK = "_work"
@@ -64,8 +64,6 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
     Returns numpy columns: image N x H x W x 3 uint8 (zeros for errors), original size
     N x 2, error (empty string when fine), plus the id/uri/shard/row columns.
     """
-    from segrl.data.pool import load_pool_frame
-
     h, w = size
     n = batch.num_rows
     images = np.zeros((n, h, w, 3), dtype=np.uint8)
