@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from segrl.console import exit_now
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so --help answers without loading numpy, pyarrow and friends.
     from segrl.data.labels import DataError
     from segrl.labeling.tools import import_answers
+    from segrl.loop.state import STATE_FILE, read_state_object
     from segrl.storage import StoreError, open_store
 
     if args.round < 0:
@@ -48,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     round_dir = f"rounds/{args.round:02d}"
     try:
         store = open_store(args.run, args.endpoint_url)
-        state = store.read_json("state.json")
-        num_classes = _num_classes(state, store.uri("state.json"))
+        state = read_state_object(store)  # a damaged file is named, with how to recover
+        num_classes = _num_classes(state, store.uri(STATE_FILE))
         selection = store.read_table(f"{round_dir}/selection.parquet")
         summary = import_answers(
             selection,
@@ -83,15 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _num_classes(state: object, source: str) -> int:
+def _num_classes(state: dict, source: str) -> int:
     """The run's class count, state.json's key "num_classes"."""
-    from segrl.data.labels import DataError
+    from segrl.loop.state import damaged
 
-    value = state.get("num_classes") if isinstance(state, dict) else None
+    value = state.get("num_classes")
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DataError(f"{source} needs a positive integer 'num_classes', got {value!r}")
+        raise damaged(source, f"it needs a positive integer 'num_classes', got {value!r}")
+    classes = state.get("classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) == value):
+        raise damaged(source, f"its 'classes' {classes!r} are not a list of {value} class names")
     return value
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the status a script sees, never an abort in the interpreter's teardown

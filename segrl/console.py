@@ -142,3 +142,17 @@ def hide_harmless_warnings() -> None:
 
     if not verbose():
         _filter_console(logging.getLogger("ray"), _HideHarmless())
+
+
+def exit_now(code: int) -> None:
+    """Flush what was printed and end the process with ``code``, skipping interpreter teardown.
+
+    For jobs that start no Ray and hold no open file (jobs/import_labels.py): pyarrow's
+    native thread pools (Arrow, jemalloc, the AWS SDK) can still be winding down while
+    C++ static destructors run at a normal exit, which aborts the process ("terminate
+    called without an active exception", rc 134) and hides the job's real exit status.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)

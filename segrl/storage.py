@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import shutil
@@ -434,6 +435,17 @@ def _normalize_key(key: str) -> str:
     return "/".join(parts)
 
 
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -549,7 +561,8 @@ class ArtifactStore:
 
     def write_json(self, key: str, obj: Any) -> None:
         # Serialize first: a non-serializable object fails before anything is written.
-        self.write_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        # NaN and infinity become null: they are not JSON, and strict readers reject the file.
+        self.write_text(key, json.dumps(json_ready(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
     def read_yaml(self, key: str) -> Any:
         return yaml.safe_load(self.read_text(key))

@@ -18,11 +18,12 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +45,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # masks or scans that a segmentation model trained on photos would score as nonsense.
 POOL_IMAGE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr")
 POOL_SCHEMA = pa.schema([(ID_COLUMN, pa.string()), (IMAGE_COLUMN, pa.string())])
+_MAX_LISTED = 10  # repeated ids named in an error
 
 
 # --------------------------------------------------------------------------- synthetic pools
@@ -196,8 +198,58 @@ def iter_pool_batches(
         yield pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string())], schema=POOL_SCHEMA)
 
 
-def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
-    """An image file's bytes -> H x W x 3 uint8 RGB, or a ``DataError`` with the reason."""
+def duplicate_ids(ids: Iterable[str] | pa.ChunkedArray) -> dict[str, int]:
+    """Each id that occurs more than once, with its count, in first-seen order (Arrow's hash
+    count: a pool of millions of ids costs their bytes, not millions of Python objects)."""
+    column = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([pa.array(list(ids), pa.string())])
+    counts = pc.value_counts(column)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    return dict(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist(), strict=True))
+
+
+def check_unique_ids(ids: Iterable[str], source: str) -> None:
+    """``DataError`` naming the repeated ids of a pool: with one, a label would be taken
+    for the wrong image, a frame never scored and the budget charged twice."""
+    repeated = duplicate_ids(ids)
+    if repeated:
+        shown = ", ".join(f"{i!r} ({n}x)" for i, n in list(repeated.items())[:_MAX_LISTED])
+        more = f" and {len(repeated) - _MAX_LISTED} more" if len(repeated) > _MAX_LISTED else ""
+        raise DataError(f"{source} repeats {len(repeated)} id(s): {shown}{more}; every frame needs its own id "
+                        "(give the rows distinct 'id' values, or rename files whose names only differ "
+                        "in folder or extension)")
+
+
+def id_file_problem(sample_id: str) -> str:
+    """Why an id cannot name the files segrl keeps per frame (``<folder>/<id>.png``): ''
+    if it can. An id must stay inside its folder: a path-traversal id like ``../x`` is refused."""
+    parts = sample_id.split("/")
+    if (not sample_id or sample_id.startswith("/") or "\\" in sample_id
+            or any(p in ("", ".", "..") or p.startswith(".tmp-") for p in parts)):
+        return (f"id {sample_id!r} cannot name a file: it is empty or absolute, or has an empty, '.', '..', "
+                "'.tmp-' or '\\' part (an id's files must stay inside their folder)")
+    return ""
+
+
+def check_pool_ids(uri: str, endpoint_url: str | None = None) -> None:
+    """Read a pool's ids once (no image) and refuse repeated ones; synthetic pools cannot repeat."""
+    if pool_kind(uri) == "synthetic":
+        return
+    ids = pa.chunked_array([batch.column(0) for batch in iter_pool_batches(uri, 65536, endpoint_url)], pa.string())
+    check_unique_ids(ids, f"pool {uri}")
+
+
+def decode_pool_frame(
+    data: bytes, uri: str, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file's bytes -> (H' x W' x 3 uint8 RGB, the file's own (H, W)), or a
+    ``DataError`` with the reason (empty, truncated, not an image, unsupported mode,
+    more pixels than PIL's decompression-bomb limit).
+
+    With ``size`` (H, W), the frame the model wants, a larger file is decoded smaller
+    but never below ``size``: a JPEG by its DCT at 1/2, 1/4 or 1/8 scale (``draft``, the
+    full frame never exists in memory), others by an integer box reduction right after
+    decoding, before the RGB and float copies that used to cost several times the frame.
+    """
     if not data:
         raise DataError(f"{uri}: file is empty (0 bytes)")
     try:
@@ -208,20 +260,51 @@ def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
                 f"{uri}: unsupported image mode {mode} (expected a colour or grey photo: "
                 f"{', '.join(POOL_IMAGE_MODES)})"
             )
+        original = (img.height, img.width)
+        if size and img.format == "JPEG":
+            img.draft(None, (size[1], size[0]))  # (W, H); a scale that keeps at least size
         img.load()  # decode now so truncation is reported here
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:  # a frame this large would exhaust a decode task's memory
+        raise DataError(f"{uri}: too large to decode ({exc})") from None
     except UnidentifiedImageError:
         raise DataError(f"{uri}: not a readable image ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{uri}: cannot decode image ({exc})") from None
-    return np.array(img.convert("RGB"), dtype=np.uint8)  # writable: torch wraps it without copying
+    if size:
+        img = _reduce_to(img, size)
+    return np.array(img.convert("RGB"), dtype=np.uint8), original  # writable: torch wraps it without copying
+
+
+def _reduce_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` box-reduced by the largest integer factor that keeps it at least ``size`` (H, W)."""
+    factor = min(img.height // size[0], img.width // size[1])
+    if factor < 2:
+        return img
+    if img.mode not in ("RGB", "L"):  # palette indices, alpha and CMYK must not be averaged as they are
+        img = img.convert("RGB")
+    return img.reduce(factor)
+
+
+def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
+    """An image file's bytes -> H x W x 3 uint8 RGB at full size, or a ``DataError`` with the reason."""
+    return decode_pool_frame(data, uri)[0]
+
+
+def load_pool_frame(
+    uri: str, endpoint_url: str | None = None, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(frame, its own (H, W)) of a pool frame at any URI, decoded no smaller than ``size``
+    but no larger than it needs to be (see :func:`decode_pool_frame`)."""
+    if not uri:
+        raise DataError("row has an empty image_uri")
+    if uri.startswith(SYNTHETIC_SCHEME):
+        frame = _render_synthetic(uri)[0]
+        return frame, frame.shape[:2]
+    return decode_pool_frame(read_bytes(uri, endpoint_url), uri, size)
 
 
 def load_pool_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
     """H x W x 3 uint8 of a pool frame at any URI (file, s3://, synthetic://)."""
-    if not uri:
-        raise DataError("row has an empty image_uri")
-    if uri.startswith(SYNTHETIC_SCHEME):
-        return _render_synthetic(uri)[0]
-    return decode_pool_image(read_bytes(uri, endpoint_url), uri)
+    return load_pool_frame(uri, endpoint_url)[0]

@@ -82,3 +82,15 @@ def dataset_frames(dataset: Dataset) -> list[tuple[str, str]]:
             for i in range(len(dataset))
         ]
     raise TypeError(f"cannot list the frames of a {type(dataset).__name__}")
+
+
+def unlabeled_ids(dataset: Dataset) -> list[str]:
+    """Ids of the frames a segrl dataset holds no ground-truth label for: manifest rows
+    without a ``label_uri`` (or without the column). Other datasets pair every frame."""
+    if isinstance(dataset, SplitView):
+        missing = set(unlabeled_ids(dataset.base))
+        frames = dataset_frames(dataset)
+        return [f[0] for f in frames if f[0] in missing]
+    if isinstance(dataset, ManifestDataset):
+        return [dataset.sample_id(i) for i in range(len(dataset)) if not dataset.is_labeled(i)]
+    return []

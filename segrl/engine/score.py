@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from segrl.config import ConfigError, ScoreConfig, absolute_local_path, replace, to_dict
 from segrl.data.labels import DataError
+from segrl.data.pool import check_pool_ids, id_file_problem, load_pool_frame
 from segrl.storage import ArtifactStore, open_store
 
 WORK = "_work"
@@ -63,8 +64,6 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
     Returns numpy columns: image N x H x W x 3 uint8 (zeros for errors), original size
     N x 2, error (empty string when fine), plus the id/uri/shard/row columns.
     """
-    from segrl.data.pool import load_pool_image
-
     h, w = size
     n = batch.num_rows
     images = np.zeros((n, h, w, 3), dtype=np.uint8)
@@ -72,11 +71,10 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
     errors = np.array([""] * n, dtype=object)
     for i, uri in enumerate(batch.column("image_uri").to_pylist()):
         try:
-            frame = load_pool_image(uri, endpoint_url)
+            frame, original[i] = load_pool_frame(uri, endpoint_url, size)  # large files decode smaller
         except DataError as exc:
             errors[i] = str(exc)
             continue
-        original[i] = frame.shape[:2]
         images[i] = frame if frame.shape[:2] == (h, w) else _resize_frame(frame, (h, w))
     return {
         "id": np.array(batch.column("id").to_pylist(), dtype=object),
@@ -120,6 +118,7 @@ class ScoreActor:
         self.scorer = PoolScorer(cfg, info_obj, device, threads, frozenset(pseudo_ids), out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        batch = {**batch, "error": self._pseudo_label_errors(batch["id"], batch["error"])}
         ok = batch["error"] == ""
         n = len(ok)
         columns: dict[str, Any] = {
@@ -143,6 +142,19 @@ class ScoreActor:
         # Arrow tables, not numpy tensor columns: small fixed-size lists travel and
         # concatenate reliably, and the driver never needs numpy tensor extensions.
         return pa.table(columns)
+
+    def _pseudo_label_errors(self, ids: np.ndarray, errors: np.ndarray) -> np.ndarray:
+        """``errors`` plus a reason for each frame whose pseudo label would be written
+        outside the output folder (an id like ``../x``): that frame, not the job, fails."""
+        scorer = self.scorer
+        if scorer.out_store is None:
+            return errors
+        errors = errors.copy()
+        for i, sample_id in enumerate(ids):
+            wanted = scorer.pseudo_all or str(sample_id) in scorer.pseudo_ids
+            if wanted and not errors[i]:
+                errors[i] = id_file_problem(str(sample_id))
+        return errors
 
 
 def _arrow_column(values: np.ndarray) -> pa.Array:
@@ -339,6 +351,7 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
     info = inspect_checkpoints(cfg.checkpoints, endpoint)
     size = resolve_image_size(cfg, info)
     pseudo_ids = _pseudo_ids(cfg)
+    check_pool_ids(cfg.pool, endpoint)  # repeated ids: refused before anything is written
     _check_fingerprint(store, cfg)
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)

@@ -57,8 +57,10 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+# store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
+# data.cache_bytes: the frame cache changes speed, not results
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
-                     "data.cache_bytes")  # the cache changes speed, not results
+                     "store.root", "data.cache_bytes")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ the first unfinished step and never repeats a finished one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ from segrl.config import (
     replace,
 )
 from segrl.console import say
+from segrl.data.labels import DataError
 from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
 from segrl.labeling import (
@@ -77,10 +79,10 @@ from segrl.loop.select import (
     select_image_step,
     select_region_step,
 )
+from segrl.loop.state import STATE_FILE, read_state
 from segrl.scoring import inspect_checkpoints, resolve_image_size
 from segrl.training import CHECKPOINT_FILE, CHECKPOINT_PREFIX, TRAIN_DIR
 
-STATE_FILE = "state.json"
 POOL_FILE = "pool.parquet"
 INDEX_FILE = "labels/index.parquet"
 INDEX_SCHEMA = pa.schema([("id", pa.string()), ("image_uri", pa.string()), ("height", pa.int64()),
@@ -113,11 +115,6 @@ class ActiveLearningLoop:
 
     # ------------------------------------------------------------------ state
 
-    def _load_state(self) -> dict[str, Any]:
-        if self.store.exists(STATE_FILE):
-            return self.store.read_json(STATE_FILE)
-        return {"status": "running", "done": [], "log": []}
-
     def _save_state(self) -> None:
         self.store.write_json(STATE_FILE, self.state)
 
@@ -148,10 +145,13 @@ class ActiveLearningLoop:
         from segrl.engine.train import preflight
 
         preflight(self.cfg)  # bad data, weights or store fail here, before anything is written
+        self.state = read_state(self.store)  # a damaged state.json is named, not a traceback
+        check_rounds_kept(self.state, self.al.rounds)
+        frames = None if "num_classes" in self.state else self._pool_frames()  # bad pools refused unwritten
         record_config(self.store, self.cfg)
-        self.state = self._load_state()
-        if "num_classes" not in self.state:
-            self._write_pool()
+        if frames is not None:
+            self._write_pool(frames)
+        self._restore_labels()
         for r in range(self.al.rounds + 1):
             ran_before = self._ran_steps
             if not self._step(r, "select", self._select):
@@ -179,11 +179,14 @@ class ActiveLearningLoop:
                                           endpoint_url=self.cfg.store.endpoint_url)
         return self._dataset
 
-    def _write_pool(self) -> None:
+    def _pool_frames(self) -> list[tuple[str, str]]:
         """The train split as the pool (the oracle answers from its labels); with a labeled
-        source domain (``data.target_prefixes``), its target frames minus the held-out ones."""
+        source domain (``data.target_prefixes``), its target frames minus the held-out ones.
+        Refused, before anything is written, when an id repeats (a label would go to the
+        wrong image and the budget be charged twice) or the oracle has no truth to answer from."""
         from segrl.data.build import build_training_sets
-        from segrl.data.pool_dataset import dataset_frames
+        from segrl.data.pool import check_unique_ids, id_file_problem
+        from segrl.data.pool_dataset import dataset_frames, unlabeled_ids
 
         dataset = self._train_dataset()
         frames = dataset_frames(dataset)
@@ -193,6 +196,23 @@ class ActiveLearningLoop:
             held_out = set(sets.target_eval_ids or ())
             frames = [f for f in frames if f[0].startswith(tuple(self.cfg.data.target_prefixes))
                       and f[0] not in held_out]
+        source = f"the {self.cfg.data.train_split} split of data.root {self.cfg.data.root or self.cfg.data.dataset!r}"
+        check_unique_ids([f[0] for f in frames], source)
+        unusable = [problem for problem in map(id_file_problem, (f[0] for f in frames)) if problem]
+        if unusable:  # the loop writes labels/<id>.png for every labeled frame
+            raise DataError(f"{source}: {len(unusable)} frame id(s) unusable; first: {unusable[0]}")
+        if self.al.labeling == "oracle":
+            pool_ids = {f[0] for f in frames}
+            missing = [i for i in unlabeled_ids(dataset) if i in pool_ids]
+            if missing:
+                raise ConfigError(
+                    f"al.labeling = 'oracle' answers from the ground truth, but {len(missing)} of the "
+                    f"{len(frames)} pool frames of {source} have none (no 'label_uri'; first: {missing[0]!r}): "
+                    "give every frame a label_uri, or label with people (al.labeling=external)")
+        return frames
+
+    def _write_pool(self, frames: list[tuple[str, str]]) -> None:
+        dataset = self._train_dataset()
         self.store.write_table(POOL_FILE, pa.table({"id": [f[0] for f in frames], "image_uri": [f[1] for f in frames]}))
         self.state.update(num_classes=len(dataset.classes), classes=list(dataset.classes), pool_images=len(frames))
         self._save_state()
@@ -305,7 +325,9 @@ class ActiveLearningLoop:
                                + sorted(self.store.list(f"{round_dir(r)}/model/{SNAPSHOT_DIR}"))[-1]
                                .rsplit("/", 1)[-1])
         info = inspect_checkpoints(checkpoints, self.endpoint)
-        return final, resolve_image_size(ScoreConfig(pool="-", checkpoints=checkpoints, out="-"), info)
+        size_cfg = ScoreConfig(pool="-", checkpoints=checkpoints, out="-",
+                               image_size=native_scoring_size(self.cfg.data, self._index()))
+        return final, resolve_image_size(size_cfg, info)
 
     def _label(self, r: int) -> dict[str, Any] | None:
         selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))
@@ -353,6 +375,61 @@ class ActiveLearningLoop:
         rows = [index[i] for i in sorted(index)]
         self.store.write_table(INDEX_FILE, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
 
+    def _restore_labels(self) -> None:
+        """Rebuild ``labels/`` from the rounds' own answers when part of it is gone.
+
+        ``labels/`` is derived: each labeled round's answers (``rounds/NN/labels/``) merged
+        in round order. Training and selection read it, so a lost index would silently
+        shrink the training set and offer (and charge) labeled images again. Replaying the
+        merges is idempotent, so the rebuilt files equal the lost ones byte for byte.
+        """
+        rounds = [r for r in range(self.al.rounds + 1) if f"{r:02d}/label" in self.state["done"]]
+        answered = {r: self._answered_ids(r) for r in rounds}
+        expected = set().union(*answered.values())
+        present = set(self.store.list("labels", recursive=True))
+        indexed = set(self._index().column("id").to_pylist()) if INDEX_FILE in present else set()
+        lost = sorted(i for i in expected if i not in indexed or f"labels/{i}.png" not in present
+                      or f"labels/requested/{i}.png" not in present)
+        if not lost:
+            return
+        say(f"[segrl] labels/ lacks {len(lost)} labeled image(s) ({lost[0]}, ...): rebuilding it "
+            f"from the answers of round(s) {', '.join(str(r) for r in rounds)}")
+        for r in rounds:
+            selection = validate_selection(self.store.read_table(f"{round_dir(r)}/selection.parquet"))
+            if selection.num_rows:
+                self._merge(selection, f"{round_dir(r)}/labels")
+
+    def _answered_ids(self, r: int) -> set[str]:
+        """Ids whose answers round r (label step done) stored under ``rounds/NN/labels/``.
+
+        The oracle answered every selected image and can answer again from the same truth;
+        people's answers (listed in the import's marker) cannot be remade, so their loss is a
+        ``DataError`` naming the round and how to recover.
+        """
+        labels_prefix = f"{round_dir(r)}/labels"
+        selection = self.store.read_table(f"{round_dir(r)}/selection.parquet")
+        if selection.num_rows == 0:
+            return set()
+        marker = f"{labels_prefix}/{MARKER_NAME}"
+        if self.al.labeling == "oracle":
+            wanted = set(selection.column("id").to_pylist())
+        elif self.store.exists(marker):
+            wanted = set(self.store.read_json(marker).get("dropped_pixels_per_image", {}))
+        else:
+            wanted = {MARKER_NAME}  # the import's record itself is gone
+        stored = {k.rsplit("/", 1)[-1].removesuffix(".png") for k in self.store.list(labels_prefix)}
+        gone = sorted(wanted - stored)
+        if gone and self.al.labeling == "oracle":
+            say(f"[segrl] round {r}: the oracle's answers for {len(gone)} image(s) are gone: answering again")
+            oracle_label(selection, self._truth, self.store, labels_prefix)  # the same truth, the same answers
+        elif gone:
+            raise DataError(
+                f"round {r}'s imported answers are gone from {self.store.uri(labels_prefix)} ({len(gone)} "
+                f"missing, first: {gone[0]!r}), so the run's merged labels/ cannot be rebuilt from them: "
+                "restore that folder from a backup, or delete it and import the round's answers again "
+                f"(python jobs/import_labels.py --run {self.store.uri()} --round {r} --labels ...), then rerun")
+        return wanted
+
     def _read_png(self, key: str) -> np.ndarray | None:
         from segrl.data.labels import decode_label
 
@@ -396,7 +473,12 @@ class ActiveLearningLoop:
             changes["train.steps"] = steps
         summary = train(replace(self.cfg, **changes))
         metrics = summary.metrics
-        return {"val_miou": metrics.get("val_miou"), "steps": metrics.get("step")}
+        val_miou = metrics.get("val_miou")
+        if val_miou is None or not math.isfinite(val_miou):
+            say(f"[segrl] round {r}: val mIoU is undefined (stored as null): no validation pixel is labeled "
+                "with a class, so no class has an IoU")
+            val_miou = None
+        return {"val_miou": val_miou, "steps": metrics.get("step")}
 
     def _round_steps(self, labeled_pixels: int) -> int:
         """``train.steps`` of a round: with ``al.scale_steps``, scaled by the labels it has
@@ -433,6 +515,7 @@ class ActiveLearningLoop:
         score_cfg = ScoreConfig(
             name=f"round{r:02d}", pool=self.store.uri(POOL_FILE), checkpoints=self._snapshots(r),
             out=self.store.uri(round_dir(r)), signals=signals,
+            image_size=native_scoring_size(self.cfg.data, self._index()),  # native frames: their size
             region_size=tuple(al.region_size),
             region_score="impurity_uncertainty" if al.acquisition == "region_impurity" else "entropy",
             regions_top_r=al.regions_top_r if al.acquisition in REGION_ACQUISITIONS else 0,
@@ -512,6 +595,32 @@ class ActiveLearningLoop:
             f"Label Studio JSON export or CVAT export>\n"
             f"and rerun this job to continue."
         )
+
+
+def check_rounds_kept(state: dict[str, Any], rounds: int) -> None:
+    """Refuse an ``al.rounds`` below a round the run has already started: the loop would
+    stop before it and rewrite report.md and metrics.json without the rounds after it."""
+    started = sorted({int(step.split("/", 1)[0]) for step in state["done"] if step.split("/", 1)[0].isdigit()})
+    if started and started[-1] > rounds:
+        raise ConfigError(
+            f"config field 'al.rounds' = {rounds}, but this run has already started round {started[-1]} "
+            f"(rounds 0-{started[-1]} in state.json): a smaller count would drop the later rounds from "
+            f"report.md. Rerun with al.rounds >= {started[-1]}, or use a new run name (run=...)")
+
+
+def native_scoring_size(data: Any, index: pa.Table) -> tuple[int, ...]:
+    """The [H, W] to score a round's model at when its training config fixes none.
+
+    Training on native-size frames (no ``data.base_size``, not synthetic) crops the frames
+    as they are, so scoring uses their size too: the labeled frames' (the most common one
+    if they differ; other frames are resized to it and their scores mapped back). Empty
+    when the checkpoints' own config fixes a size.
+    """
+    if data.base_size or data.dataset == "synthetic" or index.num_rows == 0:
+        return ()
+    sizes = pa.table({"h": index.column("height"), "w": index.column("width")}).group_by(["h", "w"]).aggregate(
+        [([], "count_all")]).sort_by([("count_all", "descending"), ("h", "descending"), ("w", "descending")])
+    return int(sizes.column("h")[0].as_py()), int(sizes.column("w")[0].as_py())
 
 
 def _empty_or(rows: list[dict]) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,3 +191,21 @@ def test_external_labeling_round_trip_rejects_a_bad_import_whole(tmp_path: Path,
     for image_id, label in truth.items():
         merged = np.array(Image.open(run / "labels" / f"{image_id}.png"))
         assert (merged == label).all()  # whole images were asked for: every pixel came back
+
+    # labels/ lost after the run: the rerun rebuilds it from the round's answers, byte for byte
+    # (before: an empty index, and the next round would train on its own answers only)
+    def merged_labels(folder: Path) -> dict[Path, bytes]:
+        return {p.relative_to(folder): p.read_bytes() for p in sorted((folder / "labels").rglob("*")) if p.is_file()}
+
+    before = merged_labels(run)
+    shutil.rmtree(run / "labels")
+    assert run_loop(cfg).status == "finished" and merged_labels(run) == before
+
+    # the finished run copied to another store.root resumes there: nothing run again, same report
+    # (before: refused, "'store.root' was ..., now ...")
+    shutil.copytree(run, tmp_path / "elsewhere" / "external")
+    moved = run_loop(tiny(tmp_path / "elsewhere", "external", "al.rounds=0", "al.labeling=external",
+                          "al.initial_labeled=3", "annotation.tools=[cvat]"))
+    moved_run = tmp_path / "elsewhere" / "external"
+    assert moved.status == "finished" and steps_logged(moved_run) == steps_logged(run)
+    assert (moved_run / "report.md").read_text() == (run / "report.md").read_text()

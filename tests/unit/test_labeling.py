@@ -503,3 +503,18 @@ def test_cli_imports_a_round_and_exits_2_on_bad_labels(tmp_path):
     expected_b = np.full((H, W), IGNORE, np.uint8)
     expected_b[1, 1] = truth_of("b")[1, 1]
     np.testing.assert_array_equal(read_png(run, "rounds/07/labels/b.png"), expected_b)
+
+
+def test_cli_error_path_exits_with_status_2_every_time(tmp_path):
+    """Issue 18 saw rc 134 ("terminate called without an active exception") in 3 of 40 runs:
+    native threads torn down at interpreter exit. The job now ends with os._exit after
+    flushing, so the status is the job's own. (Not reproduced here: 0 of 210 runs before the
+    change; this guards the contract, it cannot force the race.)"""
+    run = ArtifactStore(str(tmp_path / "run"))
+    run.write_json("state.json", {"num_classes": NUM_CLASSES})
+    run.write_table("rounds/00/selection.parquet", selection_table([region("a", 0, 0, 2, 3)]))
+    bad = write_answers(tmp_path / "bad", ids="a", a=np.zeros((H + 1, W)))
+    for _ in range(3):
+        failed = run_cli("--run", run.root, "--round", "0", "--labels", str(bad))
+        assert failed.returncode == 2 and failed.stderr.rstrip().endswith("expected 6x4 (WxH) for image 'a'"), (
+            failed.returncode, failed.stderr[-500:])

@@ -104,7 +104,7 @@ def test_with_a_labeled_source_domain_the_pool_is_the_target_minus_its_held_out_
                                  "data.target_eval_count=20", f"store.root={tmp_path}", "run=da"])
     loop = ActiveLearningLoop(cfg)
     loop.state = {}
-    loop._write_pool()
+    loop._write_pool(loop._pool_frames())
     ids = pa.parquet.read_table(tmp_path / "da" / "pool.parquet").column("id").to_pylist()
     assert len(ids) == 62 - 20 and all(i.startswith("0001TP") for i in ids)
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import types
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _pools import png_bytes, write_checkpoints
+from PIL import Image
 
 from segrl.config import ScoreConfig, load_config
 from segrl.data.labels import DataError
 from segrl.data.pool import (
+    check_pool_ids,
+    decode_pool_frame,
     decode_pool_image,
+    id_file_problem,
     iter_pool_batches,
     load_pool_image,
     parse_synthetic_pool,
@@ -19,6 +26,7 @@ from segrl.data.pool import (
     write_synthetic_pool_manifest,
 )
 from segrl.data.synthetic import render_scene, split_offset
+from segrl.engine.score import ScoreActor, decode_frames, score_pool
 from segrl.scoring import PoolScorer, inspect_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,3 +148,83 @@ def test_checkpoints_of_different_models_are_refused(tmp_path):
         inspect_checkpoints(str(tmp_path / "train"))
     with pytest.raises(DataError, match="no checkpoints"):
         inspect_checkpoints(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------- issue 18: hostile pools
+
+
+def _pool_rows(uris: list[str]) -> pa.Table:
+    n = len(uris)
+    return pa.table({"id": [f"f{i}" for i in range(n)], "image_uri": uris,
+                     "shard": np.zeros(n, np.int64), "row": np.arange(n, dtype=np.int64)})
+
+
+def test_a_decompression_bomb_is_an_error_row_like_any_unreadable_frame(tmp_path, monkeypatch):
+    """PIL refuses frames over 2x MAX_IMAGE_PIXELS at open; lowered here so the 'bomb' is tiny."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    (tmp_path / "bomb.png").write_bytes(png_bytes(np.zeros((60, 50, 3), np.uint8)))  # 3000 px > 2 x 1000
+    (tmp_path / "fine.png").write_bytes(png_bytes(np.zeros((20, 20, 3), np.uint8)))
+    out = decode_frames(_pool_rows([str(tmp_path / "bomb.png"), str(tmp_path / "fine.png")]), (16, 16), None)
+    assert "bomb.png: too large to decode" in out["error"][0] and "3000 pixels" in out["error"][0]
+    assert out["error"][1] == "" and out["original_size"][1].tolist() == [20, 20]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_frame_decodes_small_when_the_model_wants_less(fmt):
+    """JPEG via the DCT's draft scale, others by box reduction right after decoding: never
+    below the model's size, the file's own size still reported (boxes map back to it)."""
+    image, _ = render_scene(3, 1, (480, 640), "target")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, quality=95)
+    frame, original = decode_pool_frame(buffer.getvalue(), f"big.{fmt.lower()}", (60, 80))
+    assert original == (480, 640)
+    assert 60 <= frame.shape[0] < 120 and 80 <= frame.shape[1] < 160  # 1/8 scale at most, never below
+    full = decode_pool_image(buffer.getvalue(), "big")
+    assert full.shape == (480, 640, 3)
+
+
+def test_decode_frames_of_a_large_frame_match_a_full_decode_resized(tmp_path):
+    from segrl.engine.score import _resize_frame
+
+    image, _ = render_scene(3, 2, (480, 640), "target")
+    (tmp_path / "big.png").write_bytes(png_bytes(image))
+    out = decode_frames(_pool_rows([str(tmp_path / "big.png")]), (60, 80), None)
+    assert out["error"][0] == "" and out["original_size"][0].tolist() == [480, 640]
+    expected = _resize_frame(image, (60, 80)).astype(int)
+    assert np.abs(out["image"][0].astype(int) - expected).mean() < 3  # box-reduce then resize ~ resize
+
+
+def test_repeated_pool_ids_are_refused_naming_them(tmp_path):
+    (tmp_path / "pool.csv").write_text("id,image_uri\na,x.png\nb,y.png\na,z.png\nc,w.png\nc,v.png\n")
+    with pytest.raises(DataError, match=r"repeats 2 id\(s\): 'a' \(2x\), 'c' \(2x\)"):
+        check_pool_ids(str(tmp_path / "pool.csv"))
+    (tmp_path / "folder" / "s1").mkdir(parents=True)
+    (tmp_path / "folder" / "s2").mkdir()
+    for name in ("s1/0001.png", "s2/0001.jpg", "s2/0002.png"):
+        (tmp_path / "folder" / name).write_bytes(b"x")
+    with pytest.raises(DataError, match="'0001' \\(2x\\)"):  # the stems of two files collide
+        check_pool_ids(str(tmp_path / "folder"))
+    check_pool_ids("synthetic://target?n=5")
+
+
+def test_score_pool_refuses_repeated_ids_before_writing_anything(tmp_path):
+    checkpoints = write_checkpoints(tmp_path / "ckpts", k=1)
+    (tmp_path / "pool.csv").write_text("id,image_uri\na,x.png\na,y.png\n")
+    out = tmp_path / "out"
+    cfg = ScoreConfig(pool=str(tmp_path / "pool.csv"), checkpoints=str(checkpoints), out=str(out))
+    with pytest.raises(DataError, match="repeats 1 id"):
+        score_pool(cfg, progress=False)
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_an_id_that_escapes_its_folder_is_an_error_row_when_pseudo_labels_are_written():
+    for bad in ("../x", "/etc/x", "a/../../x", "a//b", "", ".tmp-x", "a\\..\\x"):
+        assert id_file_problem(bad), bad
+    for fine in ("0001TP_006690", "seq1/0001", "frame.v2"):
+        assert id_file_problem(fine) == ""
+    actor = ScoreActor.__new__(ScoreActor)  # the check alone: no models needed
+    actor.scorer = types.SimpleNamespace(out_store=object(), pseudo_all=True, pseudo_ids=frozenset())
+    errors = actor._pseudo_label_errors(np.array(["ok", "../x", "bad"], object), np.array(["", "", "unreadable"], object))
+    assert errors[0] == "" and "'../x' cannot name a file" in errors[1] and errors[2] == "unreadable"
+    actor.scorer = types.SimpleNamespace(out_store=None, pseudo_all=False, pseudo_ids=frozenset())
+    assert actor._pseudo_label_errors(np.array(["../x"], object), np.array([""], object))[0] == ""
