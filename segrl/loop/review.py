@@ -57,7 +57,7 @@ UNLABELED_COLOR = (48, 48, 48)
 PREDICT_CHUNK = 16  # frames per model call: bounds the driver's memory on large thumbnails
 
 TruthOf = Callable[[str], np.ndarray]
-ModelOf = Callable[[int], tuple[str, tuple[int, int]]]  # round -> (final snapshot, scoring size)
+ModelOf = Callable[[int], "tuple[str, tuple[int, int]] | None"]  # round -> (final snapshot, scoring size)
 
 
 # ---------------------------------------------------------------------- drawing (pure)
@@ -344,7 +344,10 @@ class RoundReview:
         readable = [f for f in frames if f["error"] is None]
         if self.r == 0 or self.model_of is None or not readable:
             return
-        checkpoint, image_size = self.model_of(self.r - 1)  # the model whose scores chose these frames
+        model = self.model_of(self.r - 1)  # the model whose scores chose these frames
+        if model is None:
+            return
+        checkpoint, image_size = model
         predicted = predictions(checkpoint, image_size, [(f["id"], f["uri"]) for f in readable], self.cfg)
         for frame in readable:
             key = self._thumb_key(frame, "prediction", "png")

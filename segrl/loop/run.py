@@ -317,6 +317,11 @@ class ActiveLearningLoop:
         return labor_rows(self.al, pool, scores, budget, self._labeled_mask, labeled, final, size,
                           self.store, f"{round_dir(r)}/masks", self.cfg.store)
 
+    def _trained_model(self, r: int) -> tuple[str, tuple[int, int]] | None:
+        """:meth:`_final_model` of round r, or None while it has no snapshot (not trained, or
+        a store put together by hand), for the review page's predictions."""
+        return self._final_model(r) if self.store.list(f"{round_dir(r)}/model/{SNAPSHOT_DIR}") else None
+
     def _final_model(self, r: int) -> tuple[str, tuple[int, int]]:
         """Round r's final snapshot and its scoring grid, where LabOR and the point
         acquisitions look for pixels (the grid training resizes to)."""
@@ -577,7 +582,7 @@ class ActiveLearningLoop:
         """Rewrite review.html and review.json for the steps done so far (segrl.loop.review); its URI."""
         if not hasattr(self, "state"):  # jobs/review_page.py: a page of a stored run, no step run
             self.state = self._load_state()
-        write_review(self.store, self.cfg, self.state, self._round_rows(), model_of=self._final_model,
+        write_review(self.store, self.cfg, self.state, self._round_rows(), model_of=self._trained_model,
                      truth=self._truth if self.al.labeling == "oracle" else None)
         return self.store.uri("review.html")
 

@@ -289,7 +289,7 @@ def test_a_point_loop_starts_with_random_clicks_in_every_pool_image(tmp_path):
             "al.acquisition=pixelpick_points", "al.budget_unit=clicks", "al.budget_per_round=12"]
     loop = ActiveLearningLoop(load_config(overrides=[*base, "al.initial_points_per_image=4"]))
     loop.state = {}
-    loop._write_pool()
+    loop._write_pool(loop._pool_frames())
     rows = loop._initial_rows()
     assert len(rows) == 6 and {r["unit"] for r in rows} == {"points"}
     assert [r["cost_clicks"] for r in rows] == [4] * 6
