@@ -365,8 +365,11 @@ class StoreConfig:
     root: str = "runs"
     endpoint_url: str = ""  # e.g. http://127.0.0.1:8333; empty = AWS_ENDPOINT_URL or AWS
     region: str = ""
+    # An unreachable S3 endpoint (a restart, an outage) is tried again with backoff this long.
+    retry_seconds: float = 180.0
 
     def validate(self) -> None:
+        _at_least("store.retry_seconds", self.retry_seconds, 0.0)
         if not self.root:
             _fail("store.root", self.root, "must be a folder or an s3:// URI")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
