@@ -75,6 +75,12 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+# Ray turns a node address of 127.0.0.1 (ray.init(_node_ip_address=...), ray start
+# --node-ip-address) into the machine's outward address, and its GCS, raylet, workers and
+# agents then listen on every interface. With this setting (Ray's single-machine mode, the
+# default on macOS and Windows) the node's address is 127.0.0.1 and they listen there only;
+# such a cluster takes no other nodes, which a cluster of this machine alone never needs.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
                      "store.retry_seconds")
 
@@ -105,7 +111,19 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if address == "local":
         for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
             os.environ.setdefault(name, value)
+        listen_on_loopback_only()
     init_ray_quietly(address)
+
+
+def listen_on_loopback_only() -> None:
+    """Make the local cluster this process is about to start listen on 127.0.0.1 only
+    (``LOOPBACK_ENV``): its processes read the setting from the environment, this driver
+    from the Ray constant it read when Ray was first imported."""
+    from ray._private import ray_constants
+
+    for name, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(name, value)
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
 
 
 def resolve_use_gpu(compute: ComputeConfig) -> bool:
@@ -399,12 +417,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        resume = state.get("resume", {})
         if state.get("recipe"):
-            recipe.load_state_dict(state["recipe"])
+            # rank 0's state, with this rank's own parts (its teacher's BatchNorm statistics,
+            # replay buffer, memory banks: each rank sees other images) where it saved them
+            recipe.load_state_dict(own_rank_state(state["recipe"], resume.get("recipe_ranks", []), rank, world))
         step = start_step = state["step"]
         offsets = state.get("offsets", offsets)
         history = list(state["metrics"].get("history", []))
-        resume = state.get("resume", {})
         if rank == 0:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
     # one batch of each per step so far: a restored run draws the ones that come next
@@ -421,14 +441,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
         metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
         # every rank's streams, gathered before rank 0 writes: all ranks call this together
-        streams = gather_from_ranks({"global": rng_state(), "generators": generator_states(recipe)}, world)
+        recipe_state = recipe.state_dict()
+        streams, recipe_states = zip(*gather_to_rank_0(
+            ({"global": rng_state(), "generators": generator_states(recipe)}, recipe_state), rank, world), strict=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
+                recipe_ranks = [differences(other, recipe_state) for other in recipe_states[1:]]
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
                                     dict(metrics, history=history, classes=list(classes)),
-                                    recipe.state_dict(), offsets,
-                                    resume={"rng": streams, "progress": dataclasses.asdict(progress)})
+                                    recipe_state, offsets,
+                                    resume={"rng": list(streams), "progress": dataclasses.asdict(progress),
+                                            "recipe_ranks": recipe_ranks})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -523,15 +547,53 @@ class EpochProgress:
         return self.sums.get(name, 0.0) / max(self.steps, 1)
 
 
-def gather_from_ranks(value: Any, world: int) -> list[Any]:
-    """``value`` of every rank, in rank order (the process group Ray Train set up)."""
+def gather_to_rank_0(value: Any, rank: int, world: int) -> list[Any]:
+    """On rank 0, ``value`` of every rank in rank order (the process group Ray Train set up);
+    on the others, ``[None] * world``. Every rank must call it."""
     if world == 1:
         return [value]
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, value)
+    dist.gather_object(value, gathered if rank == 0 else None, dst=0)
     return gathered
+
+
+SAME = "=rank0"  # in a rank's saved recipe state: the value is rank 0's
+
+
+def differences(own: Any, reference: Any) -> Any:
+    """``own`` with every part equal to ``reference``'s at the same place replaced by ``SAME``,
+    so that a rank's recipe state costs only what differs from rank 0's (the teacher's
+    weights, averaged from the synchronised student, are the same on every rank)."""
+    if isinstance(own, dict) and isinstance(reference, dict):
+        return {k: differences(v, reference[k]) if k in reference else v for k, v in own.items()}
+    if isinstance(own, (list, tuple)) and isinstance(reference, (list, tuple)) and len(own) == len(reference):
+        return type(own)(differences(a, b) for a, b in zip(own, reference, strict=True))
+    if torch.is_tensor(own) or torch.is_tensor(reference):
+        same = (torch.is_tensor(own) and torch.is_tensor(reference) and own.shape == reference.shape
+                and own.dtype == reference.dtype and torch.equal(own, reference))
+        return SAME if same else own
+    return SAME if type(own) is type(reference) and own == reference else own
+
+
+def with_differences(reference: Any, diff: Any) -> Any:
+    """Undo ``differences``: ``reference`` wherever ``diff`` says ``SAME``."""
+    if isinstance(diff, str) and diff == SAME:
+        return reference
+    if isinstance(diff, dict):
+        return {k: with_differences(reference.get(k), v) for k, v in diff.items()}
+    if isinstance(diff, (list, tuple)):
+        return type(diff)(with_differences(r, d) for r, d in zip(reference, diff, strict=True))
+    return diff
+
+
+def own_rank_state(reference: dict[str, Any], other_ranks: list[Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's recipe state: rank 0's, with the rank's own differences where the
+    checkpoint holds them (one entry per rank after the first, for this number of workers)."""
+    if rank == 0 or len(other_ranks) != world - 1:
+        return reference
+    return with_differences(reference, other_ranks[rank - 1])
 
 
 def restore_streams(saved: list[dict[str, Any]], rank: int, world: int, recipe: Any) -> None:

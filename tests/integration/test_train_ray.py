@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _procs import own_descendants
+from _procs import listening_addresses, own_descendants
 from _tiny import tiny_overrides
 
 from segrl.config import ConfigError, load_config
@@ -30,6 +31,22 @@ def tiny_config(root: Path, *extra: str):
 
 def checkpoint_names(root: Path, run: str) -> list[str]:
     return sorted(p.name for p in (root / run / "train").glob("ckpt_*"))
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
+    """segrl's local cluster (the tests start theirs the same way) opens no port on another
+    interface: Ray on its own puts the GCS, raylet and workers on every interface and its
+    agents on the machine's outward address."""
+    processes = own_descendants()
+    listening = listening_addresses(processes)
+    assert len({pid for pid, _, _ in listening}) >= 3, listening  # GCS, raylet, agents at least
+    outside = [(pid, address, port) for pid, address, port in listening if not is_loopback(address)]
+    assert not outside, f"listening beyond 127.0.0.1 (pid, address, port): {outside}"
 
 
 def test_rerun_with_incompatible_config_is_refused(tmp_path):

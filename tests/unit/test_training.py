@@ -322,3 +322,24 @@ def test_a_killed_runs_checkpoints_are_pruned_to_keep_and_the_newest_complete_is
     assert sorted(p.name for p in train_dir.glob("ckpt_*")) == ["ckpt_00000004", "ckpt_00000012"]
     prune_checkpoints(store, keep=1)  # nothing more once only the kept ones are left
     assert complete_checkpoints(store) == ["ckpt_00000012", "ckpt_00000004"]
+
+
+def test_a_ranks_recipe_state_is_saved_as_its_differences_from_rank_0_and_restored_whole():
+    """Each DDP rank's teacher keeps BatchNorm statistics of its own images (and its own replay
+    buffer): a resumed rank must get back its own, not rank 0's, at the cost of what differs."""
+    from segrl.engine.train import SAME, differences, own_rank_state
+
+    shared = torch.arange(6.0)
+    rank_0 = {"teacher": {"model": {"w": shared.clone(), "bn.mean": torch.zeros(2)}, "momentum": 0.99},
+              "buffer": {"images": torch.ones(2, 3), "capacity": 8}, "terms": []}
+    rank_1 = {"teacher": {"model": {"w": shared.clone(), "bn.mean": torch.ones(2)}, "momentum": 0.99},
+              "buffer": {"images": torch.zeros(2, 3), "capacity": 8}, "terms": []}
+    diff = differences(rank_1, rank_0)
+    assert diff["teacher"]["model"]["w"] == SAME and diff["teacher"]["momentum"] == SAME  # not stored twice
+    assert torch.equal(diff["teacher"]["model"]["bn.mean"], torch.ones(2))
+    restored = own_rank_state(rank_0, [diff], rank=1, world=2)
+    assert torch.equal(restored["teacher"]["model"]["w"], shared)
+    assert torch.equal(restored["teacher"]["model"]["bn.mean"], torch.ones(2))
+    assert torch.equal(restored["buffer"]["images"], torch.zeros(2, 3)) and restored["terms"] == []
+    assert own_rank_state(rank_0, [diff], rank=0, world=2) is rank_0
+    assert own_rank_state(rank_0, [], rank=1, world=2) is rank_0  # a checkpoint of another world size
