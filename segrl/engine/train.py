@@ -205,15 +205,16 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
             logging_config=train_logging_config(),
         ),
     )
-    trainer.fit()
-    # the newest complete checkpoint, not result.checkpoint: a rerun that restored a checkpoint
-    # Ray Train had not registered yet and had nothing left to train reports none
+    result = trainer.fit()
+    # the newest complete checkpoint rather than result.checkpoint: a rerun that restored a
+    # checkpoint Ray Train had not registered yet and had nothing left to train reports none
     newest = complete_checkpoints(store)[:1]
-    if not newest:
+    final = stored_checkpoint(store, newest[0]) if newest else result.checkpoint  # (or one of an older segrl)
+    if final is None:
         raise RuntimeError(f"training of run '{cfg.run_name}' ended without a checkpoint")
     prune_checkpoints(store, cfg.train.keep_checkpoints)
-    checkpoint_uri = store.uri(f"{TRAIN_DIR}/{newest[0]}")
-    metrics = final_metrics(stored_checkpoint(store, newest[0]))
+    checkpoint_uri = store.uri(f"{TRAIN_DIR}/{os.path.basename(final.path)}")
+    metrics = final_metrics(final)
     finished_before = metrics.get("start_step") == metrics.get("step") and store.exists(METRICS_FILE)
     if not finished_before:  # a rerun of a finished run trains nothing and rewrites nothing
         store.write_json(METRICS_FILE, metrics)
@@ -442,23 +443,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
         # every rank's streams, gathered before rank 0 writes: all ranks call this together
         recipe_state = recipe.state_dict()
-        streams, recipe_states = zip(*gather_to_rank_0(
-            ({"global": rng_state(), "generators": generator_states(recipe)}, recipe_state), rank, world), strict=True)
+        streams = {"global": rng_state(), "generators": generator_states(recipe)}
+        gathered = gather_to_rank_0((streams, recipe_state), rank, world)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                recipe_ranks = [differences(other, recipe_state) for other in recipe_states[1:]]
+                for_resume = {"rng": [ours for ours, _ in gathered], "progress": dataclasses.asdict(progress),
+                              "recipe_ranks": [differences(theirs, recipe_state) for _, theirs in gathered[1:]]}
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
                                     dict(metrics, history=history, classes=list(classes)),
-                                    recipe_state, offsets,
-                                    resume={"rng": list(streams), "progress": dataclasses.asdict(progress),
-                                            "recipe_ranks": recipe_ranks})
+                                    recipe_state, offsets, for_resume)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
     model.train()
-    if resume:
+    if resume.get("rng"):
         # the random streams where the checkpoint left them, last: building the model, the
         # recipe and the loaders above drew from them as they did in the interrupted run
         restore_streams(resume["rng"], rank, world, recipe)
