@@ -678,7 +678,8 @@ class ArtifactStore:
             return
         # Buffered, so that a write tried again after an outage sends the whole object again.
         with tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as buffer:
-            yield buffer
+            with self._errors("writing", key, writing=True):  # e.g. the source of an upload fails
+                yield buffer
 
             def publish() -> None:
                 buffer.seek(0)

@@ -18,6 +18,7 @@ that Ray Train does not track (a killed run's) are deleted before and after trai
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -111,8 +113,23 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if address == "local":
         for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
             os.environ.setdefault(name, value)
+    if address == "local" or is_loopback_address(address):
+        # a driver joining a cluster on 127.0.0.1 (cluster/local_up.sh's) must take that
+        # address too: Ray would otherwise look for the GCS at the machine's outward address
         listen_on_loopback_only()
     init_ray_quietly(address)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``127.0.0.1:6379``, ``http://localhost:8265``) names this machine's
+    loopback interface."""
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_on_loopback_only() -> None:

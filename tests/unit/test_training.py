@@ -343,3 +343,14 @@ def test_a_ranks_recipe_state_is_saved_as_its_differences_from_rank_0_and_restor
     assert torch.equal(restored["buffer"]["images"], torch.zeros(2, 3)) and restored["terms"] == []
     assert own_rank_state(rank_0, [diff], rank=0, world=2) is rank_0
     assert own_rank_state(rank_0, [], rank=1, world=2) is rank_0  # a checkpoint of another world size
+
+
+def test_a_driver_joining_a_loopback_cluster_is_told_so():
+    # Ray resolves 127.0.0.1 to the machine's outward address unless told the cluster is local:
+    # a driver of local_up.sh's cluster (on 127.0.0.1) would look for its GCS there and hang
+    from segrl.engine.train import is_loopback_address
+
+    for address in ("127.0.0.1:6379", "localhost:6379", "http://127.0.0.1:8265", "[::1]:6379"):
+        assert is_loopback_address(address), address
+    for address in ("192.0.2.2:6379", "head.example.org:6379", "ray://10.0.0.5:10001"):
+        assert not is_loopback_address(address), address
