@@ -93,6 +93,9 @@ print_exports() {
     printf 'unset RAY_AUTH_TOKEN AWS_SESSION_TOKEN AWS_ENDPOINT_URL_S3\n'
     printf 'export RAY_ADDRESS=%q\n' "$ray_addr"
     printf 'export RAY_AUTH_MODE=token\n'
+    # Ray's single-machine mode: without it Ray takes 127.0.0.1 for another interface's address
+    # and every Ray port opens on all interfaces (see the README)
+    printf 'export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n'
     printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$TOKEN_FILE"
     printf 'export AWS_ENDPOINT_URL=%q\n' "$s3"
     printf 'export AWS_ACCESS_KEY_ID=%q\n' "$(<"$ACCESS_FILE")"
@@ -258,6 +261,7 @@ log "SeaweedFS S3 starting on $ENDPOINT (pid $(<"$WEED_PID_FILE"))"
 env -u RAY_ADDRESS -u RAY_AUTH_TOKEN -u AWS_SESSION_TOKEN -u AWS_ENDPOINT_URL_S3 \
     RAY_AUTH_MODE=token \
     RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
     RAY_USAGE_STATS_ENABLED=0 \
     AWS_ENDPOINT_URL="$ENDPOINT" \
     AWS_ACCESS_KEY_ID="$ACCESS_KEY" \

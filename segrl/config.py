@@ -10,6 +10,8 @@ Ray workers receive ``to_dict(cfg)`` and rebuild the dataclass with ``from_dict`
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,10 @@ from typing import Any, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+# A number as people write it, which YAML 1.1 (PyYAML) reads as a string when the mantissa has
+# no dot or the exponent no sign: 1e-3, 5E-4, 2e3. Only float fields accept it.
+NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -386,8 +392,11 @@ class StoreConfig:
     root: str = "runs"
     endpoint_url: str = ""  # e.g. http://127.0.0.1:8333; empty = AWS_ENDPOINT_URL or AWS
     region: str = ""
+    # An unreachable S3 endpoint (a restart, an outage) is tried again with backoff this long.
+    retry_seconds: float = 180.0
 
     def validate(self) -> None:
+        _at_least("store.retry_seconds", self.retry_seconds, 0.0)
         if not self.root:
             _fail("store.root", self.root, "must be a folder or an s3:// URI")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
@@ -571,8 +580,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is not None:
             _fail(key, value, "must be null")
         return None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _float_value(key, value)
     if hint in (int, float) and isinstance(value, bool):
         _fail(key, value, f"must be a number ({hint.__name__}), not a boolean")
     if hint is str and isinstance(value, bool):
@@ -581,6 +590,34 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, hint):
         _fail(key, value, f"must be of type {hint.__name__}, got {type(value).__name__}")
     return value
+
+
+def _float_value(key: str, value: Any) -> float:
+    """A float field's value: a finite int or float, or a number written as text (``1e-3``).
+
+    NaN and infinity pass every ``<`` range check (``nan < 0`` is false), so they are refused
+    here, once for every float field, rather than in each section's checks.
+    """
+    if isinstance(value, bool):
+        _fail(key, value, "must be a number (float), not a boolean")
+    if isinstance(value, str):
+        value = _number_text(value)
+    if not isinstance(value, (int, float)):
+        _fail(key, value, f"must be of type float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        _fail(key, value, "must be a finite number (not NaN or infinity)")
+    return float(value)
+
+
+def _number_text(text: str) -> float | str:
+    """``text`` as a float where it writes a number (``1e-3``) or a non-finite one (``inf``,
+    ``.nan``, so that the error says what is wrong with it), else ``text`` unchanged."""
+    stripped = text.strip()
+    if NUMBER_TEXT.fullmatch(stripped):
+        return float(stripped)
+    if stripped.lower().lstrip("+-.") in ("inf", "infinity", "nan"):
+        return math.nan if "nan" in stripped.lower() else (-math.inf if stripped.startswith("-") else math.inf)
+    return text
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,8 +16,12 @@ Guarantees:
 * Errors are ``StoreError`` subclasses whose messages name the URI and, for S3,
   the endpoint; credentials never appear in messages, ``repr`` or logs.
 * Transient S3 failures (5xx, throttling, dropped connections) are retried with
-  exponential backoff by the AWS SDK; an endpoint with nothing listening fails
-  fast with ``StoreUnreachableError``.
+  exponential backoff by the AWS SDK. An endpoint that cannot be reached at all
+  (a restart, a network outage) is tried again with backoff for ``retry_seconds``
+  (``store.retry_seconds``, 3 minutes by default, as S3 clients do), with a log
+  line saying so, before ``StoreUnreachableError``. Writes are buffered so that a
+  retried write sends the whole object again. The filesystem handed to Ray
+  (``ray_filesystem``) has the AWS SDK retry for about as long.
 
 Credentials come from the standard AWS chain (environment, profile, instance
 role); the endpoint from the ``endpoint_url`` argument, else the
@@ -35,11 +39,13 @@ import math
 import os
 import posixpath
 import shutil
+import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -59,6 +65,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Connection failures should surface in seconds, not minutes; the request
 # (socket read) timeout is generous enough for a slow multipart part upload.
@@ -68,6 +75,12 @@ REQUEST_TIMEOUT_S = 30.0
 # backoff four attempts span a few seconds, which rides out throttling and
 # restarts without making a dead endpoint slow to report.
 MAX_ATTEMPTS = 4
+DEFAULT_RETRY_SECONDS = 180.0  # how long an unreachable endpoint is tried again (store.retry_seconds)
+RETRY_FIRST_WAIT_S = 0.5  # backoff between tries of an unreachable endpoint: doubling ...
+RETRY_MAX_WAIT_S = 8.0  # ... up to this
+# The AWS SDK waits a random 0..min(2^n, 20) s before retry n: about 10 s per retry once capped.
+SDK_MEAN_RETRY_WAIT_S = 10.0
+_SPOOL_BYTES = 64 * 1024 * 1024  # a buffered write stays in memory up to this, then spills to disk
 DEFAULT_REGION = "us-east-1"
 TMP_PREFIX = ".tmp-"  # hidden in-progress names; reserved, so keys may not use it
 _COPY_CHUNK = 8 * 1024 * 1024
@@ -188,14 +201,14 @@ _S3_CACHE_LOCK = threading.Lock()
 _LOCAL_FS = pafs.LocalFileSystem()
 
 
-def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
-    """Cached S3 filesystem for (endpoint, region, credentials).
+def _s3_filesystem(endpoint_url: str | None, region: str, attempts: int = MAX_ATTEMPTS) -> pafs.S3FileSystem:
+    """Cached S3 filesystem for (endpoint, region, credentials, attempts per request).
 
     pyarrow ignores the AWS endpoint env vars, so the endpoint is always passed
     as ``endpoint_override``; credentials are left to the SDK's default chain so
     they are never copied into (picklable, printable) filesystem objects.
     """
-    key = (endpoint_url, region, _credentials_fingerprint())
+    key = (endpoint_url, region, _credentials_fingerprint(), attempts)
     with _S3_CACHE_LOCK:
         fs = _S3_CACHE.get(key)
         if fs is None:
@@ -203,7 +216,7 @@ def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
                 "region": region,
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 "request_timeout": REQUEST_TIMEOUT_S,
-                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
             }
             if endpoint_url:
                 scheme, host = _split_endpoint(endpoint_url)
@@ -211,6 +224,34 @@ def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
             fs = pafs.S3FileSystem(**options)
             _S3_CACHE[key] = fs
         return fs
+
+
+def sdk_attempts(retry_seconds: float) -> int:
+    """Attempts per request for the AWS SDK to go on for about ``retry_seconds``."""
+    return MAX_ATTEMPTS + math.ceil(max(retry_seconds, 0.0) / SDK_MEAN_RETRY_WAIT_S)
+
+
+def retry_unreachable(
+    op: Callable[[], T], retry_seconds: float, sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``op()``, tried again while it raises ``StoreUnreachableError``, with backoff, for up to
+    ``retry_seconds`` in all; then the error, saying how long it was tried."""
+    deadline, wait = None, RETRY_FIRST_WAIT_S
+    while True:
+        try:
+            return op()
+        except StoreUnreachableError as exc:
+            now = clock()
+            if deadline is None:
+                deadline = now + retry_seconds
+                if retry_seconds > 0:
+                    log.warning("[segrl] store unreachable, retrying for up to %g s: %s", retry_seconds, exc)
+            if now >= deadline:
+                raise StoreUnreachableError(
+                    f"{exc} (tried again for {retry_seconds:g} s: store.retry_seconds)") from exc
+            sleep(min(wait, deadline - now))
+            wait = min(2 * wait, RETRY_MAX_WAIT_S)
 
 
 # --------------------------------------------------------------------------- URIs
@@ -252,13 +293,20 @@ def filesystem_for(
     return _LOCAL_FS, _local_path(uri)
 
 
-def read_uri_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+def read_uri_bytes(uri: str, endpoint_url: str | None = None, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> bytes:
     """Bytes of the object at any absolute URI or local path (e.g. an image in a manifest).
 
     Meant for immutable inputs: an S3 object up to 64 MiB is one GET (so one
     version), but unlike ``ArtifactStore.read_bytes`` no extra request checks
-    that it was not replaced between sizing and fetching it.
+    that it was not replaced between sizing and fetching it. An unreachable S3
+    endpoint is tried again for ``retry_seconds``.
     """
+    if _is_s3(uri):
+        return retry_unreachable(lambda: _read_uri_once(uri, endpoint_url), retry_seconds)
+    return _read_uri_once(uri, endpoint_url)
+
+
+def _read_uri_once(uri: str, endpoint_url: str | None) -> bytes:
     fs, path = filesystem_for(uri, endpoint_url)
     endpoint = _resolve_endpoint(endpoint_url) if _is_s3(uri) else None
     try:
@@ -456,12 +504,15 @@ class ArtifactStore:
     (see the module docstring); every error is a ``StoreError``.
     """
 
-    def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
         self.is_s3 = _is_s3(root)
         self.region = _resolve_region(region)
         self.endpoint_url = _resolve_endpoint(endpoint_url) if self.is_s3 else None
+        self.retry_seconds = retry_seconds
         if self.is_s3:
             self._root_path = _s3_path(root)
+            # few SDK attempts: an outage is waited out by retry_unreachable, which says so
             self.filesystem: pafs.FileSystem = _s3_filesystem(self.endpoint_url, self.region)
             self.root = f"s3://{self._root_path}"
             self.bucket: str | None = self._root_path.split("/", 1)[0]
@@ -479,7 +530,19 @@ class ArtifactStore:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuild from the resolved settings so a Ray worker uses its own cached filesystem.
-        return (ArtifactStore, (self.root, self.endpoint_url, self.region))
+        return (ArtifactStore, (self.root, self.endpoint_url, self.region, self.retry_seconds))
+
+    @property
+    def ray_filesystem(self) -> pafs.FileSystem:
+        """The filesystem to hand Ray (checkpoint uploads, run snapshots): Ray does not retry
+        a failed write, so the AWS SDK retries each request for about ``retry_seconds``."""
+        if not self.is_s3:
+            return self.filesystem
+        return _s3_filesystem(self.endpoint_url, self.region, sdk_attempts(self.retry_seconds))
+
+    def _retry(self, op: Callable[[], T]) -> T:
+        """``op()``, waiting out an unreachable S3 endpoint for ``retry_seconds``."""
+        return retry_unreachable(op, self.retry_seconds) if self.is_s3 else op()
 
     # ----------------------------------------------------------------- naming
 
@@ -497,18 +560,33 @@ class ArtifactStore:
 
     def child(self, key: str) -> ArtifactStore:
         """Store rooted at ``root/key`` on the same endpoint."""
-        return ArtifactStore(self.uri(key), self.endpoint_url, self.region)
+        return ArtifactStore(self.uri(key), self.endpoint_url, self.region, self.retry_seconds)
 
     # ----------------------------------------------------------------- queries
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is an object or a non-empty folder."""
         path = self.fs_path(key)
-        with self._errors("checking", key):
-            found = self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
-        if not found:
-            self._check_bucket("checking", key)
-        return found
+
+        def check() -> bool:
+            with self._errors("checking", key):
+                found = self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+            if not found:
+                self._check_bucket("checking", key)
+            return found
+
+        return self._retry(check)
+
+    def size(self, key: str) -> int | None:
+        """Bytes of object ``key``; None if it does not exist (or is a folder)."""
+        path = self._file_key_path(key)
+
+        def check() -> pafs.FileInfo:
+            with self._errors("checking", key):
+                return self.filesystem.get_file_info(path)
+
+        info = self._retry(check)
+        return info.size if info.type == pafs.FileType.File else None
 
     def list(self, prefix: str = "", recursive: bool = False) -> list[str]:
         """Sorted keys (relative to the root) under folder ``prefix``.
@@ -519,13 +597,18 @@ class ArtifactStore:
         """
         base = self.fs_path(prefix)
         selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
-        with self._errors("listing", prefix):
-            try:
-                infos = self.filesystem.get_file_info(selector)
-            except NotADirectoryError:
-                infos = []  # prefix names a local file: nothing is inside it
-        if not infos:
-            self._check_bucket("listing", prefix)
+
+        def listing() -> list[pafs.FileInfo]:
+            with self._errors("listing", prefix):
+                try:
+                    infos = self.filesystem.get_file_info(selector)
+                except NotADirectoryError:
+                    infos = []  # prefix names a local file: nothing is inside it
+            if not infos:
+                self._check_bucket("listing", prefix)
+            return infos
+
+        infos = self._retry(listing)
         root = self._root_path.rstrip("/") + "/"
         keys = [
             info.path[len(root) :]
@@ -540,8 +623,12 @@ class ArtifactStore:
     def read_bytes(self, key: str) -> bytes:
         """Content of object ``key``; ``ObjectNotFoundError`` if it does not exist."""
         path = self._file_key_path(key)
-        with self._errors("reading", key):
-            return _read_all(self.filesystem, path, self.is_s3)
+
+        def read() -> bytes:
+            with self._errors("reading", key):
+                return _read_all(self.filesystem, path, self.is_s3)
+
+        return self._retry(read)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomically replace object ``key`` with ``data``."""
@@ -596,13 +683,22 @@ class ArtifactStore:
         ``with store.open_output("model.pt") as f: torch.save(state, f)``.
         """
         path = self._file_key_path(key)
-        with self._errors("writing", key, writing=True):
-            if self.is_s3:
-                with _s3_atomic_output(self.filesystem, path) as out:
-                    yield out
-            else:
-                with _local_atomic_output(path) as out:
-                    yield out
+        if not self.is_s3:
+            with self._errors("writing", key, writing=True), _local_atomic_output(path) as out:
+                yield out
+            log.debug("wrote %s", self.uri(key))
+            return
+        # Buffered, so that a write tried again after an outage sends the whole object again.
+        with tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as buffer:
+            with self._errors("writing", key, writing=True):  # e.g. the source of an upload fails
+                yield buffer
+
+            def publish() -> None:
+                buffer.seek(0)
+                with self._errors("writing", key, writing=True), _s3_atomic_output(self.filesystem, path) as out:
+                    shutil.copyfileobj(buffer, out, _COPY_CHUNK)
+
+            self._retry(publish)
         log.debug("wrote %s", self.uri(key))
 
     def open_input(self, key: str) -> pa.NativeFile:
@@ -612,8 +708,12 @@ class ArtifactStore:
         against the object being overwritten while it is open.
         """
         path = self._file_key_path(key)
-        with self._errors("reading", key):
-            return self.filesystem.open_input_file(path)
+
+        def open_file() -> pa.NativeFile:
+            with self._errors("reading", key):
+                return self.filesystem.open_input_file(path)
+
+        return self._retry(open_file)
 
     # ----------------------------------------------------------------- files and folders
 
@@ -633,9 +733,12 @@ class ArtifactStore:
         """Copy object ``key`` to ``local_path`` (replaced atomically, folders created)."""
         path = self._file_key_path(key)
         target = os.path.abspath(os.fspath(local_path))
-        with self._errors("downloading", key):
-            with _local_atomic_output(target) as dst:
+
+        def download() -> None:
+            with self._errors("downloading", key), _local_atomic_output(target) as dst:
                 _copy_out(self.filesystem, path, self.is_s3, dst)
+
+        self._retry(download)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], key: str) -> None:
         """Copy every file under ``local_dir`` to ``key/<relative path>``, each atomically.
@@ -663,12 +766,16 @@ class ArtifactStore:
     def delete(self, key: str) -> None:
         """Delete object or folder ``key``; nothing happens if it does not exist."""
         path = self._file_key_path(key)  # refuses "" so the root cannot be wiped by accident
-        with self._errors("deleting", key, writing=True):
-            info = self.filesystem.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                self.filesystem.delete_file(path)
-            elif info.type == pafs.FileType.Directory:
-                self.filesystem.delete_dir(path)
+
+        def delete() -> None:
+            with self._errors("deleting", key, writing=True):
+                info = self.filesystem.get_file_info(path)
+                if info.type == pafs.FileType.File:
+                    self.filesystem.delete_file(path)
+                elif info.type == pafs.FileType.Directory:
+                    self.filesystem.delete_dir(path)
+
+        self._retry(delete)
 
     # ----------------------------------------------------------------- helpers
 
@@ -708,7 +815,8 @@ class ArtifactStore:
 
 
 def open_store(
-    root: str, endpoint_url: str | None = None, region: str | None = None
+    root: str, endpoint_url: str | None = None, region: str | None = None,
+    retry_seconds: float = DEFAULT_RETRY_SECONDS,
 ) -> ArtifactStore:
     """The ArtifactStore rooted at ``root`` (local path or ``s3://bucket/prefix``)."""
-    return ArtifactStore(root, endpoint_url, region)
+    return ArtifactStore(root, endpoint_url, region, retry_seconds)

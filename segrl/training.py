@@ -7,7 +7,9 @@ throughput benchmark run them in a plain process.
 from __future__ import annotations
 
 import io
+import json
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,9 @@ from segrl.metrics import all_reduce_confusion, confusion_matrix
 TRAIN_DIR = "train"
 CHECKPOINT_PREFIX = "ckpt_"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Written after checkpoint.pt with its size: a folder whose checkpoint.pt lacks it, or has
+# another size, was cut off mid-write or mid-upload (a killed driver) and is never resumed.
+COMPLETE_FILE = "complete.json"
 
 
 class ShardSampler(Sampler[int]):
@@ -232,19 +237,24 @@ def _sync_extra(ctx: StepContext) -> None:
 
 
 def cycle_batches(
-    dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, workers: int
+    dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, workers: int, start_batch: int = 0
 ) -> Iterator[dict[str, Any]]:
-    """Endless batches of this rank's shard of ``dataset``, reshuffled on every pass."""
+    """Endless batches of this rank's shard of ``dataset``, reshuffled on every pass.
+
+    ``start_batch`` batches are skipped (without decoding them), so that a restored run
+    draws the batches the interrupted one would have drawn next.
+    """
     sampler = ShardSampler(len(dataset), rank, world, seed=seed)
-    if len(sampler) < batch_size:
+    per_pass = len(sampler) // batch_size
+    if per_pass == 0:
         # drop_last would yield no batch at all and this generator would spin forever
         raise ValueError(f"{len(dataset)} images ({len(sampler)} per worker) cannot fill a batch of "
                          f"{batch_size}: lower train.batch_size or the data.batch_ratio share of this set")
-    epoch = 0
+    epoch, skip = divmod(start_batch, per_pass)
     while True:
-        sampler.set_epoch(epoch)
-        yield from make_loader(dataset, batch_size, sampler, workers, drop_last=True)
-        epoch += 1
+        sampler.set_epoch(epoch, start=skip * batch_size)
+        yield from make_loader(dataset, batch_size, sampler, workers, drop_last=True, seed=[seed, epoch])
+        epoch, skip = epoch + 1, 0
 
 
 @torch.no_grad()
@@ -286,11 +296,15 @@ def save_training_state(
     metrics: dict[str, Any] | None = None,
     recipe_state: dict[str, Any] | None = None,
     offsets: dict[str, int] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> Path:
     """Write model, optimiser, schedule, position, config and recipe state into ``directory``.
 
     ``offsets`` (``step``, ``epoch``) place this run inside a chain of runs that continue
     each other (``train.resume_from``): the recipe's clocks (EMA warm-up, cold start) run on.
+    ``resume`` is what a restored run needs to go on as if never stopped: each rank's random
+    streams (``rng_state``) and the running sums of a checkpoint taken mid-epoch.
+    ``COMPLETE_FILE`` is written last: see ``is_complete_checkpoint``.
     """
     path = Path(directory) / CHECKPOINT_FILE
     state = {
@@ -303,9 +317,85 @@ def save_training_state(
         "metrics": metrics or {},
         "recipe": recipe_state or {},
         "offsets": offsets or {"step": 0, "epoch": 0},
+        "resume": resume or {},
     }
     torch.save(state, path)
+    (Path(directory) / COMPLETE_FILE).write_text(json.dumps({"bytes": path.stat().st_size}))
     return path
+
+
+def is_complete_checkpoint(checkpoint_bytes: int | None, marker_text: str | None) -> bool:
+    """Whether a checkpoint folder was written whole: its ``COMPLETE_FILE`` is there and
+    names the size its ``checkpoint.pt`` has (the two may be uploaded in either order)."""
+    if checkpoint_bytes is None or marker_text is None:
+        return False
+    try:
+        return json.loads(marker_text).get("bytes") == checkpoint_bytes
+    except (ValueError, AttributeError):
+        return False
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder name ``ckpt_<step>``; None for any other name."""
+    digits = name[len(CHECKPOINT_PREFIX):]
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random streams: torch (CPU and CUDA), numpy and Python's."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                         saved["has_gauss"], saved["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def generator_states(root: Any) -> dict[str, torch.Tensor]:
+    """States of the ``torch.Generator`` objects held by ``root`` and the segrl objects
+    inside it (a recipe's ClassMix draws, replay buffer, memory bank), by attribute path."""
+    return {path: generator.get_state() for path, generator in _generators(root, "", set())}
+
+
+def set_generator_states(root: Any, states: dict[str, torch.Tensor]) -> None:
+    """Restore what ``generator_states`` returned for an object built the same way."""
+    for path, generator in _generators(root, "", set()):
+        if path in states:
+            generator.set_state(states[path])
+
+
+def _generators(obj: Any, path: str, seen: set[int]) -> Iterator[tuple[str, torch.Generator]]:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Generator):
+        yield path, obj
+        return
+    if isinstance(obj, (list, tuple)):
+        children = [(str(i), v) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        children = [(str(k), v) for k, v in sorted(obj.items(), key=lambda item: str(item[0]))]
+    elif type(obj).__module__.startswith("segrl") and hasattr(obj, "__dict__"):
+        # only segrl's own objects: a torchvision model or a dataset holds no generator of ours
+        children = sorted(vars(obj).items())
+    else:
+        return
+    for name, child in children:
+        yield from _generators(child, f"{path}.{name}" if path else name, seen)
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:
@@ -336,8 +426,15 @@ def continue_from(state: dict[str, Any], model: nn.Module, optimizer: torch.opti
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool
+    dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, drop_last: bool,
+    seed: Sequence[int] | None = None,
 ) -> DataLoader:
+    """A DataLoader over ``sampler``'s indices. With ``seed``, its worker seeds come from a
+    generator of its own instead of a draw from the global torch stream, so that a loader
+    made anew by a restored run leaves that stream where the interrupted run had it."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -346,4 +443,5 @@ def make_loader(
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        generator=generator,
     )

@@ -83,6 +83,9 @@ class SeaweedServer:
     process: subprocess.Popen
     log_path: Path
     ports: list[int]
+    command: tuple[str, ...] = ()  # how it was started, for restart()
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
 
     def root(self, prefix: str = "") -> str:
         """``s3://bucket/prefix`` on this server."""
@@ -94,6 +97,13 @@ class SeaweedServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def restart(self) -> None:
+        """Start the stopped server again on the same ports and data (an outage ending)."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(list(self.command), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+        _wait_for_s3(self, time.monotonic() + START_TIMEOUT_S)
 
     def stop(self) -> None:
         """Terminate the server (kill it if it lingers) and remove its unix sockets."""
@@ -202,9 +212,10 @@ def start_seaweed(workdir: Path, bucket: str = "segrl-test") -> SeaweedServer:
         admin = _admin_ports(set(ports))
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log_path = workdir / f"weed-{attempt}.log"
+        command = _weed_command(weed, data_dir, ports, admin)
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                _weed_command(weed, data_dir, ports, admin),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -219,6 +230,9 @@ def start_seaweed(workdir: Path, bucket: str = "segrl-test") -> SeaweedServer:
             process=process,
             log_path=log_path,
             ports=[*ports, *admin],
+            command=tuple(command),
+            env=env,
+            cwd=data_dir,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         try:

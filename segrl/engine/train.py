@@ -7,19 +7,26 @@ Layout in the store, under ``<store.root>/<run>/``::
     metrics.json             final val mIoU, per-class IoU and per-epoch history
     metrics.md               the per-class IoU table
 
-Rerunning the same run name resumes from the latest checkpoint (Ray Train's run
-snapshot); a worker lost mid-run is replaced and restored from the last
-checkpoint (``FailureConfig``).
+Rerunning the same run name resumes from the newest complete checkpoint in ``train/``
+(newer than Ray Train's run snapshot, which lags the reported checkpoints when the
+driver is killed), with every rank's random streams, so that the resumed run trains as
+the uninterrupted one would have; a worker lost mid-run is replaced and restored from
+the last checkpoint (``FailureConfig``). Checkpoints beyond ``train.keep_checkpoints``
+that Ray Train does not track (a killed run's) are deleted before and after training.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -39,13 +46,26 @@ from segrl.console import (
     verbose,
 )
 from segrl.storage import ArtifactStore, open_store
-from segrl.training import CHECKPOINT_PREFIX, TRAIN_DIR
+from segrl.training import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_PREFIX,
+    COMPLETE_FILE,
+    TRAIN_DIR,
+    checkpoint_step,
+    generator_states,
+    is_complete_checkpoint,
+    rng_state,
+    save_training_state,
+    set_generator_states,
+    set_rng_state,
+)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LABELED_IDS_FILE = "labeled_ids.txt"
 TARGET_EVAL_IDS_FILE = "target_eval_ids.txt"
 SNAPSHOT_DIR = "snapshots"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of checkpoints it tracks
 STEPS_EPOCHS = 5  # epochs of a train.steps run, when the labeled set is small
 # Changing these on a rerun does not invalidate the checkpoints being resumed.
 # Ray Train settings for a cluster of this machine alone (set unless the user set them):
@@ -57,10 +77,16 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+# Ray turns a node address of 127.0.0.1 (ray.init(_node_ip_address=...), ray start
+# --node-ip-address) into the machine's outward address, and its GCS, raylet, workers and
+# agents then listen on every interface. With this setting (Ray's single-machine mode, the
+# default on macOS and Windows) the node's address is 127.0.0.1 and they listen there only;
+# such a cluster takes no other nodes, which a cluster of this machine alone never needs.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
-# data.cache_bytes: the frame cache changes speed, not results
+# data.cache_bytes and store.retry_seconds change speed and patience, not results
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
-                     "store.root", "data.cache_bytes")
+                     "store.root", "data.cache_bytes", "store.retry_seconds")
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,8 @@ class TrainSummary:
 
 def run_store(cfg: ExperimentConfig) -> ArtifactStore:
     """The store rooted at this run's folder."""
-    store = open_store(cfg.store.root, cfg.store.endpoint_url or None, cfg.store.region or None)
+    store = open_store(cfg.store.root, cfg.store.endpoint_url or None, cfg.store.region or None,
+                       cfg.store.retry_seconds)
     return store.child(cfg.run_name)
 
 
@@ -88,7 +115,34 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if address == "local":
         for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
             os.environ.setdefault(name, value)
+    if address == "local" or is_loopback_address(address):
+        # a driver joining a cluster on 127.0.0.1 (cluster/local_up.sh's) must take that
+        # address too: Ray would otherwise look for the GCS at the machine's outward address
+        listen_on_loopback_only()
     init_ray_quietly(address)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``127.0.0.1:6379``, ``http://localhost:8265``) names this machine's
+    loopback interface."""
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_on_loopback_only() -> None:
+    """Make the local cluster this process is about to start listen on 127.0.0.1 only
+    (``LOOPBACK_ENV``): its processes read the setting from the environment, this driver
+    from the Ray constant it read when Ray was first imported."""
+    from ray._private import ray_constants
+
+    for name, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(name, value)
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
 
 
 def resolve_use_gpu(compute: ComputeConfig) -> bool:
@@ -151,9 +205,11 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
         store.write_text(name, "\n".join(ids) + "\n")
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)
+    prune_checkpoints(store, cfg.train.keep_checkpoints)
+    newest = complete_checkpoints(store)[:1]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "verbose": verbose()},
+        train_loop_config={"config": to_dict(cfg), "verbose": verbose(), "resume_checkpoint": "".join(newest)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.compute.num_workers,
             use_gpu=use_gpu,
@@ -162,7 +218,7 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
         run_config=ray.train.RunConfig(
             name=TRAIN_DIR,
             storage_path=store.fs_path(),
-            storage_filesystem=store.filesystem,
+            storage_filesystem=store.ray_filesystem,  # retries a store outage as segrl does
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
@@ -170,10 +226,15 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    # the newest complete checkpoint rather than result.checkpoint: a rerun that restored a
+    # checkpoint Ray Train had not registered yet and had nothing left to train reports none
+    newest = complete_checkpoints(store)[:1]
+    final = stored_checkpoint(store, newest[0]) if newest else result.checkpoint  # (or one of an older segrl)
+    if final is None:
         raise RuntimeError(f"training of run '{cfg.run_name}' ended without a checkpoint")
-    checkpoint_uri = store.uri(f"{TRAIN_DIR}/{os.path.basename(result.checkpoint.path)}")
-    metrics = final_metrics(result.checkpoint)
+    prune_checkpoints(store, cfg.train.keep_checkpoints)
+    checkpoint_uri = store.uri(f"{TRAIN_DIR}/{os.path.basename(final.path)}")
+    metrics = final_metrics(final)
     finished_before = metrics.get("start_step") == metrics.get("step") and store.exists(METRICS_FILE)
     if not finished_before:  # a rerun of a finished run trains nothing and rewrites nothing
         store.write_json(METRICS_FILE, metrics)
@@ -214,6 +275,62 @@ def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
     if sets.target_eval_ids is not None:
         recorded[TARGET_EVAL_IDS_FILE] = sets.target_eval_ids
     return recorded
+
+
+def complete_checkpoints(store: ArtifactStore) -> list[str]:
+    """Names of the run's complete checkpoint folders (``train/ckpt_<step>``), newest first."""
+    complete = []
+    for name in checkpoint_folders(store):
+        key = f"{TRAIN_DIR}/{name}"
+        marker = store.read_text(f"{key}/{COMPLETE_FILE}") if store.exists(f"{key}/{COMPLETE_FILE}") else None
+        if is_complete_checkpoint(store.size(f"{key}/{CHECKPOINT_FILE}"), marker):
+            complete.append(name)
+    return complete
+
+
+def checkpoint_folders(store: ArtifactStore) -> list[str]:
+    """Names of every ``train/ckpt_<step>`` folder, complete or not, newest first."""
+    names = [key.rsplit("/", 1)[-1] for key in store.list(TRAIN_DIR)]
+    return sorted((n for n in names if checkpoint_step(n) is not None), key=checkpoint_step, reverse=True)
+
+
+def ray_tracked_checkpoints(store: ArtifactStore) -> set[str]:
+    """The checkpoints Ray Train's run snapshot lists: it refuses to resume if one is gone."""
+    key = f"{TRAIN_DIR}/{RAY_SNAPSHOT_FILE}"
+    if not store.exists(key):
+        return set()
+    snapshot = json.loads(store.read_text(key))
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
+    return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+
+
+def checkpoints_to_delete(folders: list[str], complete: list[str], tracked: set[str], keep: int) -> list[str]:
+    """Folders beyond the newest ``keep`` complete ones (incomplete ones included) that Ray
+    Train does not track; Ray Train deletes its own beyond ``num_to_keep``."""
+    kept = set(complete[:keep]) | tracked
+    return [name for name in folders if name not in kept]
+
+
+def prune_checkpoints(store: ArtifactStore, keep: int) -> None:
+    for name in checkpoints_to_delete(checkpoint_folders(store), complete_checkpoints(store),
+                                      ray_tracked_checkpoints(store), keep):
+        store.delete(f"{TRAIN_DIR}/{name}")
+
+
+def stored_checkpoint(store: ArtifactStore, name: str) -> Any:
+    """The Ray Train ``Checkpoint`` of folder ``train/<name>`` in the store."""
+    import ray.train
+
+    return ray.train.Checkpoint(store.fs_path(f"{TRAIN_DIR}/{name}"), filesystem=store.ray_filesystem)
+
+
+def checkpoint_to_restore(ray_checkpoint: Any, newest_complete: str, store: ArtifactStore) -> Any:
+    """The later of Ray Train's checkpoint (its snapshot's, or this run's last after a lost
+    worker) and the newest complete one the driver found in the run folder before training."""
+    ray_step = checkpoint_step(os.path.basename(ray_checkpoint.path)) if ray_checkpoint is not None else None
+    if newest_complete and (ray_step is None or checkpoint_step(newest_complete) > ray_step):
+        return stored_checkpoint(store, newest_complete)
+    return ray_checkpoint
 
 
 def final_metrics(checkpoint: Any) -> dict[str, Any]:
@@ -301,7 +418,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         term.synced.to(device)
     recipe.broadcast()
     optimizer = build_optimizer(torch.nn.ModuleList([model, extra]), tcfg)
-    restored = ray.train.get_checkpoint()
+    restored = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("resume_checkpoint", ""),
+                                     run_store(cfg))
     offsets = {"step": 0, "epoch": 0}  # where this run sits in a chain of runs (train.resume_from)
     if restored is None and tcfg.resume_from:
         offsets = continue_from(read_training_state(tcfg.resume_from, endpoint or None), model, optimizer, recipe)
@@ -314,54 +432,69 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "data.labeled_count, data.labeled_ids, data.unlabeled_pool, data.target_prefixes or "
             "(synthetic) data.synthetic_unlabeled_images")
         raise ConfigError(f"method.name '{cfg.method.name}' needs unlabeled images: set {what}")
-    unlabeled_batches = (
-        cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1, cfg.data.loader_workers)
-        if recipe.needs_unlabeled and n_unlabeled else None
-    )
-    target_batches = (
-        cycle_batches(sets.target_labeled, n_target, rank, world, tcfg.seed + 2, cfg.data.loader_workers)
-        if sets.target_labeled is not None and n_target else None
-    )
     snapshot_steps = snapshot_schedule(total_steps, tcfg.snapshots)
     snapshots = run_store(cfg).child(SNAPSHOT_DIR) if rank == 0 and snapshot_steps else None
 
-    step, history, start_step = 0, [], 0
+    step, history, start_step, resume = 0, [], 0, {}
     if restored is not None:
         with restored.as_directory() as directory:
             state = load_training_state(directory)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        resume = state.get("resume", {})
         if state.get("recipe"):
-            recipe.load_state_dict(state["recipe"])
+            # rank 0's state, with this rank's own parts (its teacher's BatchNorm statistics,
+            # replay buffer, memory banks: each rank sees other images) where it saved them
+            recipe.load_state_dict(own_rank_state(state["recipe"], resume.get("recipe_ranks", []), rank, world))
         step = start_step = state["step"]
         offsets = state.get("offsets", offsets)
         history = list(state["metrics"].get("history", []))
         if rank == 0:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
+    # one batch of each per step so far: a restored run draws the ones that come next
+    unlabeled_batches = (
+        cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1, cfg.data.loader_workers, step)
+        if recipe.needs_unlabeled and n_unlabeled else None
+    )
+    target_batches = (
+        cycle_batches(sets.target_labeled, n_target, rank, world, tcfg.seed + 2, cfg.data.loader_workers, step)
+        if sets.target_labeled is not None and n_target else None
+    )
+    progress = EpochProgress()
 
     def checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
         metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
+        # every rank's streams, gathered before rank 0 writes: all ranks call this together
+        recipe_state = recipe.state_dict()
+        streams = {"global": rng_state(), "generators": generator_states(recipe)}
+        gathered = gather_to_rank_0((streams, recipe_state), rank, world)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                from segrl.training import save_training_state
-
+                for_resume = {"rng": [ours for ours, _ in gathered], "progress": dataclasses.asdict(progress),
+                              "recipe_ranks": [differences(theirs, recipe_state) for _, theirs in gathered[1:]]}
                 save_training_state(tmp, model, optimizer, scheduler, step, epoch, loop_config["config"],
                                     dict(metrics, history=history, classes=list(classes)),
-                                    recipe.state_dict(), offsets)
+                                    recipe_state, offsets, for_resume)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
 
     model.train()
+    if resume.get("rng"):
+        # the random streams where the checkpoint left them, last: building the model, the
+        # recipe and the loaders above drew from them as they did in the interrupted run
+        restore_streams(resume["rng"], rank, world, recipe)
     # a restored run that had already reached its last step trains no further
     for epoch in range(step // steps_per_epoch if step < total_steps else epochs, epochs):
         offset = step - epoch * steps_per_epoch
         train_sampler.set_epoch(epoch, start=offset * n_source)
-        loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True)
-        loss_sum, loss_count, images, started = 0.0, 0, 0, time.perf_counter()
-        term_sums: dict[str, float] = {}
+        loader = make_loader(sets.labeled, n_source, train_sampler, cfg.data.loader_workers, drop_last=True,
+                             seed=[tcfg.seed, rank, epoch])
+        # a checkpoint taken mid-epoch carries the epoch's sums so far, for its mean loss
+        progress = EpochProgress(**resume["progress"]) if offset and resume.get("progress") else EpochProgress()
+        started = time.perf_counter()
         for batch in loader:
             if train_sampler.weights is not None:
                 batch = label_weights(batch)
@@ -371,34 +504,33 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             # the recipe's clocks (cold start, EMA warm-up) run on across continued runs
             losses = recipe_step(ctx, recipe, batch, batch_u, offsets["epoch"] + epoch)
             recipe.after_step(model, offsets["step"] + step)
-            for name, value in losses.items():
-                term_sums[name] = term_sums.get(name, 0.0) + value
-            loss_sum += losses["loss"]
-            loss_count += 1
-            images += batch["image"].shape[0]
+            progress.add(losses, batch["image"].shape[0])
             step += 1
             if snapshots is not None and step in snapshot_steps:
                 save_snapshot(snapshots, recipe.eval_model(model), step, loop_config["config"], classes,
                               recipe.snapshot_extras())
             if rank == 0 and step % tcfg.log_every_steps == 0:
-                say(f"[segrl] step {step}/{total_steps} loss {loss_sum / loss_count:.4f}")
+                say(f"[segrl] step {step}/{total_steps} loss {progress.mean('loss'):.4f}")
             # a train.steps run stops at exactly that step: rows of a benchmark compare equal steps
             end_of_epoch = step == min((epoch + 1) * steps_per_epoch, total_steps)
             if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0 and not end_of_epoch:
-                checkpoint_and_report(epoch, {"loss": loss_sum / loss_count})
+                checkpoint_and_report(epoch, {"loss": progress.mean("loss")})
             if end_of_epoch:
                 break
         elapsed = time.perf_counter() - started
         summary: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": loss_sum / max(loss_count, 1),
-            "images_per_s": images * world / max(elapsed, 1e-9),
+            "loss": progress.mean("loss"),
+            # the images of this attempt only: a restored epoch's earlier ones took no time here
+            "images_per_s": (progress.images - progress.images_before) * world / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
-            **{name: value / max(loss_count, 1) for name, value in term_sums.items() if name != "loss"},
+            **{name: progress.mean(name) for name in progress.sums if name != "loss"},
         }
+        progress = EpochProgress()
         last_epoch = epoch + 1 == epochs
         if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
-            val_loader = make_loader(sets.val, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False)
+            val_loader = make_loader(sets.val, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False,
+                                     seed=[tcfg.seed, rank, epoch])
             conf = evaluate_confusion(recipe.eval_model(model), val_loader, len(classes), device, ignore,
                                       distributed=world > 1)
             ious = iou_per_class(conf)
@@ -415,6 +547,89 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             say(_epoch_line(summary, epochs, step))
         checkpoint_and_report(epoch + 1, summary)
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of the epoch in progress: losses per term, steps and images."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    images_before: int = 0  # images done before a restore (not timed by this attempt)
+
+    def __post_init__(self) -> None:
+        self.images_before = self.images
+
+    def add(self, losses: dict[str, float], images: int) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+        self.images += images
+
+    def mean(self, name: str) -> float:
+        return self.sums.get(name, 0.0) / max(self.steps, 1)
+
+
+def gather_to_rank_0(value: Any, rank: int, world: int) -> list[Any]:
+    """On rank 0, ``value`` of every rank in rank order (the process group Ray Train set up);
+    on the others, ``[None] * world``. Every rank must call it."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.gather_object(value, gathered if rank == 0 else None, dst=0)
+    return gathered
+
+
+SAME = "=rank0"  # in a rank's saved recipe state: the value is rank 0's
+
+
+def differences(own: Any, reference: Any) -> Any:
+    """``own`` with every part equal to ``reference``'s at the same place replaced by ``SAME``,
+    so that a rank's recipe state costs only what differs from rank 0's (the teacher's
+    weights, averaged from the synchronised student, are the same on every rank)."""
+    if isinstance(own, dict) and isinstance(reference, dict):
+        return {k: differences(v, reference[k]) if k in reference else v for k, v in own.items()}
+    if isinstance(own, (list, tuple)) and isinstance(reference, (list, tuple)) and len(own) == len(reference):
+        return type(own)(differences(a, b) for a, b in zip(own, reference, strict=True))
+    if torch.is_tensor(own) or torch.is_tensor(reference):
+        same = (torch.is_tensor(own) and torch.is_tensor(reference) and own.shape == reference.shape
+                and own.dtype == reference.dtype and torch.equal(own, reference))
+        return SAME if same else own
+    return SAME if type(own) is type(reference) and own == reference else own
+
+
+def with_differences(reference: Any, diff: Any) -> Any:
+    """Undo ``differences``: ``reference`` wherever ``diff`` says ``SAME``."""
+    if isinstance(diff, str) and diff == SAME:
+        return reference
+    if isinstance(diff, dict):
+        return {k: with_differences(reference.get(k), v) for k, v in diff.items()}
+    if isinstance(diff, (list, tuple)):
+        return type(diff)(with_differences(r, d) for r, d in zip(reference, diff, strict=True))
+    return diff
+
+
+def own_rank_state(reference: dict[str, Any], other_ranks: list[Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's recipe state: rank 0's, with the rank's own differences where the
+    checkpoint holds them (one entry per rank after the first, for this number of workers)."""
+    if rank == 0 or len(other_ranks) != world - 1:
+        return reference
+    return with_differences(reference, other_ranks[rank - 1])
+
+
+def restore_streams(saved: list[dict[str, Any]], rank: int, world: int, recipe: Any) -> None:
+    """Set this rank's random streams to those saved with the checkpoint; a run restored on
+    another number of workers has no saved streams for some ranks and keeps fresh ones."""
+    if len(saved) != world:
+        if rank == 0:
+            say(f"[segrl] the checkpoint holds the random streams of {len(saved)} workers, not {world}: "
+                "the resumed run draws other augmentations than an uninterrupted one would")
+        return
+    set_rng_state(saved[rank]["global"])
+    set_generator_states(recipe, saved[rank]["generators"])
 
 
 def plan_steps(steps: int, epochs: int, steps_per_epoch: int) -> tuple[int, int]:

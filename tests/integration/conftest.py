@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from segrl.engine.train import LOCAL_CLUSTER_ENV
+from segrl.engine.train import LOCAL_CLUSTER_ENV, listen_on_loopback_only
 
 # segrl's settings for a local cluster (faster health checks, no preemption watcher), set
 # before any cluster of the tests starts so that all of its processes inherit them.
@@ -35,6 +35,7 @@ class SharedRay:
         import ray
 
         if not ray.is_initialized():
+            listen_on_loopback_only()  # as segrl's own local cluster: no port on another interface
             # "local": a new cluster even while another test's `ray start` cluster runs here,
             # which a plain ray.init() would join
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

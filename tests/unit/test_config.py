@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import typing
+
 import pytest
 
 from segrl.config import (
     ConfigError,
     ExperimentConfig,
+    ScoreConfig,
     apply_overrides,
     config_from_dict,
+    from_dict,
     load_config,
     parse_override,
     replace,
@@ -48,6 +55,65 @@ def test_the_words_true_and_false_of_a_string_field_stay_words():
 
 def test_int_is_accepted_for_float_field():
     assert load_config(overrides=["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize("text, number", [("1e-3", 1e-3), ("5E-4", 5e-4), ("2e3", 2e3), ("+1e-2", 1e-2)])
+def test_numbers_yaml_reads_as_strings_are_numbers_in_float_fields(tmp_path, text, number):
+    # YAML 1.1 reads 1e-3 (no dot in the mantissa, or no sign in the exponent) as a string
+    assert isinstance(parse_override(f"train.lr={text}")[1], str)
+    assert load_config(overrides=[f"train.lr={text}"]).train.lr == number
+    from_file = load_config(write(tmp_path, f"train:\n  lr: {text}\ndata:\n  scale_range: [{text}, 4e3]\n"))
+    assert from_file.train.lr == number and from_file.data.scale_range == (number, 4000.0)
+    assert isinstance(from_file.train.lr, float)
+
+
+def test_number_text_is_only_a_number_in_float_fields(tmp_path):
+    assert load_config(overrides=["name=1e3"]).name == "1e3"  # a string field keeps the text
+    with pytest.raises(ConfigError, match="'train.epochs' = '1e3'"):
+        load_config(overrides=["train.epochs=1e3"])
+    with pytest.raises(ConfigError, match="'train.lr' = 'abc' must be of type float"):
+        load_config(overrides=["train.lr=abc"])
+    path = write(tmp_path, "train:\n  lr: 1e-3x\n")
+    with pytest.raises(ConfigError, match="exp.yaml: config field 'train.lr' = '1e-3x'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.weight_decay=.nan", "train.weight_decay"),
+        ("train.lr=inf", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.momentum=-.inf", "train.momentum"),
+        ("train.poly_power=NaN", "train.poly_power"),
+        ("method.lambda_u=.nan", "method.lambda_u"),
+        ("method.ema_momentum=.nan", "method.ema_momentum"),
+        ("al.budget_per_round=.nan", "al.budget_per_round"),
+        ("compute.cpus_per_worker=.inf", "compute.cpus_per_worker"),
+        ("data.scale_range=[0.5, .inf]", "data.scale_range[1]"),
+        ("train.schedule_span=[.nan, 1.0]", "train.schedule_span[0]"),
+    ],
+)
+def test_nan_and_infinity_are_rejected_naming_the_field(override, field):
+    # nan passes every `<` range check (nan < 0 is false): weight_decay=nan trained to loss nan
+    with pytest.raises(ConfigError, match=rf"'{re.escape(field)}' = -?(nan|inf) must be a finite number"):
+        load_config(overrides=[override])
+
+
+def test_every_float_field_refuses_nan():
+    """No float field of any section slips through (the check sits in the type coercion)."""
+    checked = 0
+    for section, cls in typing.get_type_hints(ExperimentConfig).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is float:
+                checked += 1
+                with pytest.raises(ConfigError, match=rf"'{section}.{name}' = nan must be a finite"):
+                    load_config(overrides=[f"{section}.{name}=.nan"])
+    assert checked > 20
+    with pytest.raises(ConfigError, match="'top_q' = nan must be a finite"):
+        from_dict(ScoreConfig, {"top_q": math.nan})
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ so local and S3 must behave the same.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-from _seaweed import SECRET_KEY, free_ports
+from _seaweed import ACCESS_KEY, SECRET_KEY, free_ports, start_seaweed
 
 from segrl.storage import (
     ArtifactStore,
@@ -28,6 +29,8 @@ from segrl.storage import (
     filesystem_for,
     open_store,
     read_uri_bytes,
+    retry_unreachable,
+    sdk_attempts,
 )
 
 
@@ -344,7 +347,7 @@ def test_missing_upload_source_names_local_path(store, tmp_path):
 def test_unreachable_endpoint_fails_fast_and_names_it(s3_server):
     (port,) = free_ports(1)  # nothing listens here
     endpoint = f"http://127.0.0.1:{port}"
-    store = ArtifactStore("s3://bucket/prefix", endpoint_url=endpoint)
+    store = ArtifactStore("s3://bucket/prefix", endpoint_url=endpoint, retry_seconds=0)  # no waiting out
     ops = {
         "read": lambda: store.read_bytes("k"),
         "write": lambda: store.write_bytes("k", b"v"),
@@ -524,3 +527,69 @@ def test_read_uri_bytes(store_root, make_store, tmp_path):
     missing = store.uri("img/404.png")
     with pytest.raises(ObjectNotFoundError, match=missing):
         read_uri_bytes(missing, endpoint)
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def test_an_unreachable_endpoint_is_tried_again_with_backoff_for_the_budget_then_named(caplog):
+    clock, waits = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    def down() -> None:
+        raise StoreUnreachableError("S3 endpoint http://127.0.0.1:9 is unreachable (writing s3://b/k)")
+
+    with caplog.at_level(logging.WARNING, logger="segrl.storage"), \
+            pytest.raises(StoreUnreachableError, match=r"127.0.0.1:9 .*tried again for 20 s: store.retry_seconds"):
+        retry_unreachable(down, 20, sleep=sleep, clock=lambda: clock[0])
+    assert waits[:5] == [0.5, 1.0, 2.0, 4.0, 8.0] and max(waits) == 8.0  # doubling, capped
+    assert sum(waits) == 20
+    assert caplog.text.count("[segrl] store unreachable, retrying for up to 20 s") == 1  # once per outage
+    answers = iter([StoreUnreachableError("down"), StoreUnreachableError("down"), "done"])
+
+    def flaky() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert retry_unreachable(flaky, 20, sleep=sleep, clock=lambda: clock[0]) == "done"
+    assert sdk_attempts(180) > sdk_attempts(0) == 4  # Ray's filesystem: the SDK retries about as long
+
+
+def test_a_write_during_a_short_outage_completes_and_a_tiny_budget_fails_naming_it(tmp_path, monkeypatch, caplog):
+    """The real server stopped for 5 s mid-write and restarted: with store.retry_seconds=30 the
+    write waits it out and lands whole; with 1 s it fails naming the endpoint and the budget, and
+    nothing is written."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = start_seaweed(tmp_path / "weed")  # its own: stopping the session's would fail other tests
+    try:
+        store = ArtifactStore(server.root("outage"), endpoint_url=server.endpoint_url, retry_seconds=30)
+        store.write_bytes("before.bin", b"up")
+        server.stop()
+        outage = threading.Timer(5, server.restart)
+        outage.start()
+        started = time.monotonic()
+        payload = os.urandom(3 * 1024 * 1024)
+        with caplog.at_level(logging.WARNING, logger="segrl.storage"):
+            store.write_bytes("during.bin", payload)
+        waited = time.monotonic() - started
+        outage.join()
+        assert waited >= 4.5
+        assert store.read_bytes("during.bin") == payload
+        assert "[segrl] store unreachable, retrying for up to 30 s" in caplog.text
+
+        impatient = ArtifactStore(server.root("outage"), endpoint_url=server.endpoint_url, retry_seconds=1)
+        server.stop()
+        with pytest.raises(StoreUnreachableError) as info:
+            impatient.write_bytes("lost.bin", b"never")
+        assert server.endpoint_url in str(info.value) and "tried again for 1 s: store.retry_seconds" in str(info.value)
+        server.restart()
+        assert store.list() == ["before.bin", "during.bin"]  # nothing half-written, no temp object
+    finally:
+        server.stop()

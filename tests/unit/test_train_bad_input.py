@@ -73,7 +73,7 @@ def test_unknown_key_and_wrong_type(tmp_path, capsys):
 def test_unreachable_store_endpoint_is_named(tmp_path, capsys):
     root = tiny_camvid(tmp_path / "camvid")
     code = train_main()([f"data.root={root}", "data.dataset=camvid", "store.root=s3://bucket/runs",
-                         "store.endpoint_url=http://127.0.0.1:9"])
+                         "store.endpoint_url=http://127.0.0.1:9", "store.retry_seconds=0"])
     err = capsys.readouterr().err
     assert code == 2 and "127.0.0.1:9" in err and "unreachable" in err
 

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from segrl.config import ConfigError, TrainConfig, load_config
 from segrl.training import (
+    COMPLETE_FILE,
     ShardSampler,
     build_optimizer,
     build_scheduler,
+    checkpoint_step,
     continue_from,
+    cycle_batches,
+    generator_states,
+    is_complete_checkpoint,
     label_weights,
     labeled_sampler,
+    load_training_state,
     lr_factor,
+    make_loader,
     read_training_state,
+    rng_state,
     save_training_state,
+    set_generator_states,
+    set_rng_state,
 )
 
 
@@ -189,3 +202,155 @@ def test_dense_or_unknown_label_counts_keep_the_plain_permutation():
     assert uniform.weights is None and len(uniform) == 2
     plain = labeled_sampler(torch.utils.data.TensorDataset(torch.zeros(3)), TrainConfig(), 0, 1, 1)
     assert plain.weights is None and len(plain) == 3
+
+
+# --------------------------------------------------------------------------- resuming exactly
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_saved_random_streams_give_the_same_draws_after_a_restore(tmp_path):
+    """A restored run must draw the augmentations the uninterrupted one drew: torch, numpy and
+    Python's streams go into the checkpoint and come back out of a weights_only load."""
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    _draws()
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, TrainConfig())
+    save_training_state(tmp_path, model, opt, build_scheduler(opt, 4, TrainConfig()), 1, 0, {},
+                        resume={"rng": [rng_state()]})
+    expected = _draws()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)  # what a fresh worker starts with
+    set_rng_state(load_training_state(tmp_path)["resume"]["rng"][0])
+    assert _draws() == expected
+
+
+def test_the_generators_inside_a_recipe_are_saved_and_restored():
+    from segrl.config import MethodConfig
+    from segrl.methods.recipes import build_recipe
+    from segrl.models import build_model
+
+    cfg = MethodConfig(name="mean_teacher", classmix=True, replay_buffer=4, lambda_contrastive=0.1)
+    recipe = build_recipe(cfg, build_model("lraspp_mobilenet_v3_large", 3), torch.ones(3), 255, seed=5)
+    states = generator_states(recipe)
+    assert {"generator", "buffer._generator", "terms.0.generator", "terms.0.memory._generator"} <= set(states)
+    expected = {path: torch.rand(2, generator=g).tolist() for path, g in _generators_of(recipe).items()}
+    fresh = build_recipe(cfg, build_model("lraspp_mobilenet_v3_large", 3), torch.ones(3), 255, seed=6)
+    set_generator_states(fresh, states)
+    assert {path: torch.rand(2, generator=g).tolist() for path, g in _generators_of(fresh).items()} == expected
+
+
+def _generators_of(recipe) -> dict:
+    from segrl.training import _generators
+
+    return dict(_generators(recipe, "", set()))
+
+
+class _Frames(torch.utils.data.Dataset):
+    """Frames whose 'augmentation' is a draw from the global torch stream, like the transforms."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": torch.tensor(i), "jitter": torch.rand(())}
+
+
+def test_cycled_batches_started_at_a_batch_continue_as_the_uninterrupted_cycle():
+    torch.manual_seed(0)
+    whole = cycle_batches(_Frames(), 3, 0, 1, seed=4, workers=0)
+    uninterrupted = [next(whole) for _ in range(7)]  # 3 batches per pass: into the third pass
+    torch.manual_seed(0)
+    for _ in range(5):
+        next(cycle_batches(_Frames(), 3, 0, 1, seed=4, workers=0))  # the draws before the checkpoint
+    resumed = cycle_batches(_Frames(), 3, 0, 1, seed=4, workers=0, start_batch=5)
+    for expected in uninterrupted[5:]:
+        batch = next(resumed)
+        assert torch.equal(batch["index"], expected["index"]) and torch.equal(batch["jitter"], expected["jitter"])
+
+
+def test_a_seeded_loader_leaves_the_global_stream_alone():
+    # a DataLoader iterator draws its worker seed from the global stream unless it has a generator
+    # of its own: a restored run making its loader anew mid-epoch would draw once more
+    sampler = ShardSampler(4, shuffle=False)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    iter(make_loader(_Frames(), 2, sampler, 0, drop_last=True, seed=[0, 0, 1]))
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_a_checkpoint_is_complete_only_with_its_marker_naming_its_size(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, TrainConfig())
+    path = save_training_state(tmp_path, model, opt, build_scheduler(opt, 4, TrainConfig()), 1, 0, {})
+    marker = (tmp_path / COMPLETE_FILE).read_text()
+    assert is_complete_checkpoint(path.stat().st_size, marker)
+    assert not is_complete_checkpoint(path.stat().st_size - 1, marker)  # cut off mid-upload
+    assert not is_complete_checkpoint(path.stat().st_size, None)  # marker not written (yet)
+    assert not is_complete_checkpoint(None, marker)  # checkpoint.pt not uploaded (yet)
+    assert not is_complete_checkpoint(path.stat().st_size, "{tru")
+    assert checkpoint_step("ckpt_00000012") == 12 and checkpoint_step("checkpoint_manager_snapshot.json") is None
+
+
+def test_a_killed_runs_checkpoints_are_pruned_to_keep_and_the_newest_complete_is_resumed(tmp_path):
+    """What a driver killed mid-run leaves: checkpoints Ray Train never registered (its snapshot
+    lags), one cut off mid-upload. The newest complete one is resumed; beyond keep_checkpoints
+    only those Ray Train tracks stay (it refuses to start if one of them is gone)."""
+    import json
+
+    from segrl.engine.train import complete_checkpoints, prune_checkpoints
+    from segrl.storage import open_store
+
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, TrainConfig())
+    train_dir = tmp_path / "run" / "train"
+    for step in (2, 4, 8, 12, 14):
+        folder = train_dir / f"ckpt_{step:08d}"
+        folder.mkdir(parents=True)
+        save_training_state(folder, model, opt, build_scheduler(opt, 4, TrainConfig()), step, 0, {})
+    with (train_dir / "ckpt_00000014" / "checkpoint.pt").open("r+b") as f:
+        f.truncate(100)  # the upload the kill cut short
+    (train_dir / "ckpt_00000016").mkdir()  # an upload that had not begun
+    (train_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "ckpt_00000004"}],
+         "latest_checkpoint_result": {"checkpoint_dir_name": "ckpt_00000004"}}))
+    store = open_store(str(tmp_path / "run"))
+    assert complete_checkpoints(store)[:2] == ["ckpt_00000012", "ckpt_00000008"]
+    prune_checkpoints(store, keep=1)
+    assert sorted(p.name for p in train_dir.glob("ckpt_*")) == ["ckpt_00000004", "ckpt_00000012"]
+    prune_checkpoints(store, keep=1)  # nothing more once only the kept ones are left
+    assert complete_checkpoints(store) == ["ckpt_00000012", "ckpt_00000004"]
+
+
+def test_a_ranks_recipe_state_is_saved_as_its_differences_from_rank_0_and_restored_whole():
+    """Each DDP rank's teacher keeps BatchNorm statistics of its own images (and its own replay
+    buffer): a resumed rank must get back its own, not rank 0's, at the cost of what differs."""
+    from segrl.engine.train import SAME, differences, own_rank_state
+
+    shared = torch.arange(6.0)
+    rank_0 = {"teacher": {"model": {"w": shared.clone(), "bn.mean": torch.zeros(2)}, "momentum": 0.99},
+              "buffer": {"images": torch.ones(2, 3), "capacity": 8}, "terms": []}
+    rank_1 = {"teacher": {"model": {"w": shared.clone(), "bn.mean": torch.ones(2)}, "momentum": 0.99},
+              "buffer": {"images": torch.zeros(2, 3), "capacity": 8}, "terms": []}
+    diff = differences(rank_1, rank_0)
+    assert diff["teacher"]["model"]["w"] == SAME and diff["teacher"]["momentum"] == SAME  # not stored twice
+    assert torch.equal(diff["teacher"]["model"]["bn.mean"], torch.ones(2))
+    restored = own_rank_state(rank_0, [diff], rank=1, world=2)
+    assert torch.equal(restored["teacher"]["model"]["w"], shared)
+    assert torch.equal(restored["teacher"]["model"]["bn.mean"], torch.ones(2))
+    assert torch.equal(restored["buffer"]["images"], torch.zeros(2, 3)) and restored["terms"] == []
+    assert own_rank_state(rank_0, [diff], rank=0, world=2) is rank_0
+    assert own_rank_state(rank_0, [], rank=1, world=2) is rank_0  # a checkpoint of another world size
+
+
+def test_a_driver_joining_a_loopback_cluster_is_told_so():
+    # Ray resolves 127.0.0.1 to the machine's outward address unless told the cluster is local:
+    # a driver of local_up.sh's cluster (on 127.0.0.1) would look for its GCS there and hang
+    from segrl.engine.train import is_loopback_address
+
+    for address in ("127.0.0.1:6379", "localhost:6379", "http://127.0.0.1:8265", "[::1]:6379"):
+        assert is_loopback_address(address), address
+    for address in ("192.0.2.2:6379", "head.example.org:6379", "ray://10.0.0.5:10001"):
+        assert not is_loopback_address(address), address
