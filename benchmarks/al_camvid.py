@@ -74,14 +74,14 @@ ROWS = {
     "ripu_regions": [*IMAGE_LOOP, "al.acquisition=region_impurity", "al.regions_top_r=16"],
     "labor_spl": [*IMAGE_LOOP, "al.acquisition=labor_spl"],
 }
-# (row, recipe, seed) in the order they run: the reference first, then the rows that decide
-# the targets (random and uncertainty points at few clicks, random whole images), then seeds.
-# ("reference", k): full supervision with k x the setting's steps (k = 2: the convergence check).
+# (row, recipe, seed) in the order they run: the reference and its convergence check first (a
+# reference that gains from doubling its steps makes every row's steps too few), then the rows
+# that decide the targets (random and uncertainty points at few clicks, random whole images),
+# then seeds. ("reference", k): full supervision with k x the setting's steps.
 PLAN = [
-    ("reference", 1),
+    ("reference", 1), ("reference", 2),
     ("random_points@20", "supervised", 0), ("pixelpick_points@20", "supervised", 0),
     ("random_points@5", "supervised", 0), ("pixelpick_points@5", "supervised", 0),
-    ("reference", 2),
     ("random_images", "supervised", 0), ("entropy_images", "supervised", 0),
     ("random_points@100", "supervised", 0), ("pixelpick_points@100", "supervised", 0),
     ("random_points@20", "supervised", 1), ("random_points@20", "supervised", 2),
