@@ -477,6 +477,7 @@ class ScoreConfig:
     batch_size: int = 0  # frames per model call; 0 = 16 on CPU, 64 on GPU
     actors: int = 0  # model actors; 0 = as many as the cluster fits
     cpus_per_actor: float = 0.0  # 0 = derived from the cluster (fractional on small machines)
+    decode_memory_mb: int = 0  # memory a decode task reserves from Ray; 0 = the largest decodable frame + its batch
     shard_size: int = 2048  # frames committed together; a rerun skips committed shards
     store: StoreConfig = field(default_factory=StoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -502,6 +503,7 @@ class ScoreConfig:
         _at_least("batch_size", self.batch_size, 0)
         _at_least("actors", self.actors, 0)
         _at_least("cpus_per_actor", self.cpus_per_actor, 0.0)
+        _at_least("decode_memory_mb", self.decode_memory_mb, 0)
         _at_least("shard_size", self.shard_size, 1)
         self.store.validate()
         self.compute.validate()

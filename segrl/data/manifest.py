@@ -82,8 +82,11 @@ def resolve_uri(base: str, uri: str) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    """Bytes of a local file or remote object; a missing/unreadable one is a ``DataError``."""
+def read_bytes(uri: str, endpoint_url: str | None = None, retry_seconds: float | None = None) -> bytes:
+    """Bytes of a local file or remote object; a missing/unreadable one is a ``DataError``.
+
+    An unreachable S3 endpoint is tried again for ``retry_seconds`` (None: the store's default).
+    """
     if is_local(uri):
         path = local_path(uri)
         try:
@@ -94,7 +97,7 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     from segrl.storage import read_uri_bytes as _read
 
     try:
-        return _read(uri, endpoint_url)
+        return _read(uri, endpoint_url) if retry_seconds is None else _read(uri, endpoint_url, retry_seconds)
     except DataError:
         raise
     except Exception as exc:  # storage errors vary by backend; name the object either way

@@ -238,6 +238,19 @@ def check_pool_ids(uri: str, endpoint_url: str | None = None) -> None:
     check_unique_ids(ids, f"pool {uri}")
 
 
+# Bytes per pixel at a decode's peak: the widest accepted mode (4, RGBA/CMYK) plus its RGB copy (3).
+DECODE_PEAK_BYTES_PER_PIXEL = 7
+PIL_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default, used when a user has disabled the limit
+
+
+def largest_frame_decode_bytes() -> int:
+    """Peak memory one frame may take while it decodes: PIL refuses frames of more than twice
+    ``Image.MAX_IMAGE_PIXELS`` (a DecompressionBombError, which becomes an error row), so no
+    accepted frame is larger than that at :data:`DECODE_PEAK_BYTES_PER_PIXEL` bytes a pixel."""
+    limit = Image.MAX_IMAGE_PIXELS or PIL_DEFAULT_MAX_IMAGE_PIXELS
+    return 2 * int(limit) * DECODE_PEAK_BYTES_PER_PIXEL
+
+
 def decode_pool_frame(
     data: bytes, uri: str, size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -293,16 +306,18 @@ def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
 
 
 def load_pool_frame(
-    uri: str, endpoint_url: str | None = None, size: tuple[int, int] | None = None
+    uri: str, endpoint_url: str | None = None, size: tuple[int, int] | None = None,
+    retry_seconds: float | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """(frame, its own (H, W)) of a pool frame at any URI, decoded no smaller than ``size``
-    but no larger than it needs to be (see :func:`decode_pool_frame`)."""
+    but no larger than it needs to be (see :func:`decode_pool_frame`); an unreachable S3
+    endpoint is tried again for ``retry_seconds`` (None: the store's default)."""
     if not uri:
         raise DataError("row has an empty image_uri")
     if uri.startswith(SYNTHETIC_SCHEME):
         frame = _render_synthetic(uri)[0]
         return frame, frame.shape[:2]
-    return decode_pool_frame(read_bytes(uri, endpoint_url), uri, size)
+    return decode_pool_frame(read_bytes(uri, endpoint_url, retry_seconds), uri, size)
 
 
 def load_pool_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from segrl.config import ConfigError, ScoreConfig, absolute_local_path, replace, to_dict
 from segrl.data.labels import DataError
-from segrl.data.pool import check_pool_ids, id_file_problem, load_pool_frame
+from segrl.data.pool import check_pool_ids, id_file_problem, largest_frame_decode_bytes, load_pool_frame
 from segrl.storage import ArtifactStore, open_store
 
 WORK = "_work"
@@ -58,8 +58,11 @@ class ScoreSummary:
 # --------------------------------------------------------------------------- CPU stage
 
 
-def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | None) -> dict[str, Any]:
-    """Fetch, decode and resize a batch of pool rows; unreadable frames become error rows.
+def decode_frames(
+    batch: pa.Table, size: tuple[int, int], endpoint_url: str | None, retry_seconds: float | None = None
+) -> dict[str, Any]:
+    """Fetch, decode and resize a batch of pool rows; unreadable frames become error rows (an
+    unreachable S3 endpoint after ``retry_seconds`` of tries too, the way the store retries).
 
     Returns numpy columns: image N x H x W x 3 uint8 (zeros for errors), original size
     N x 2, error (empty string when fine), plus the id/uri/shard/row columns.
@@ -71,7 +74,7 @@ def decode_frames(batch: pa.Table, size: tuple[int, int], endpoint_url: str | No
     errors = np.array([""] * n, dtype=object)
     for i, uri in enumerate(batch.column("image_uri").to_pylist()):
         try:
-            frame, original[i] = load_pool_frame(uri, endpoint_url, size)  # large files decode smaller
+            frame, original[i] = load_pool_frame(uri, endpoint_url, size, retry_seconds)  # large files decode smaller
         except DataError as exc:
             errors[i] = str(exc)
             continue
@@ -170,8 +173,29 @@ def _arrow_column(values: np.ndarray) -> pa.Array:
 # --------------------------------------------------------------------------- resources
 
 
-def plan_resources(cfg: ScoreConfig, use_gpu: bool) -> dict[str, Any]:
-    """Actor count, CPUs per actor and per decode task, threads and batch size.
+def decode_task_memory(
+    batch_size: int, size: tuple[int, int], requested_mb: int, largest_node_memory: float
+) -> int:
+    """Bytes of Ray memory one decode task reserves, so that Ray runs no more decode tasks on a
+    node than its memory holds: the largest frame PIL accepts, decoding, plus the batch it
+    returns (``batch_size`` frames of ``size``), or ``decode_memory_mb`` when set. A derived
+    budget is capped at the largest node's memory so that a task can always be placed (an
+    uncapped one would wait forever); a requested one that no node has is an error."""
+    h, w = size
+    if requested_mb:
+        wanted = requested_mb * 2**20
+        if largest_node_memory and wanted > largest_node_memory:
+            raise ConfigError(
+                f"config field 'decode_memory_mb' = {requested_mb} is more than any node has "
+                f"({largest_node_memory / 2**20:.0f} MiB of Ray memory): no decode task could run"
+            )
+        return wanted
+    derived = largest_frame_decode_bytes() + batch_size * h * w * 3
+    return int(min(derived, largest_node_memory)) if largest_node_memory else derived
+
+
+def plan_resources(cfg: ScoreConfig, use_gpu: bool, size: tuple[int, int]) -> dict[str, Any]:
+    """Actor count, CPUs and memory per actor and per decode task, threads and batch size.
 
     On a small CPU machine the actors must leave CPU for the decode tasks, or the
     pipeline starves its own input and hangs; so CPU requests are fractional, an actor
@@ -180,7 +204,9 @@ def plan_resources(cfg: ScoreConfig, use_gpu: bool) -> dict[str, Any]:
     """
     import ray
 
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in alive]
+    largest_memory = max((n["Resources"].get("memory", 0.0) for n in alive), default=0.0)
     total_cpu = float(sum(node_cpus)) or 1.0
     gpus = int(ray.cluster_resources().get("GPU", 0))
     decode_cpus = 0.25
@@ -202,6 +228,7 @@ def plan_resources(cfg: ScoreConfig, use_gpu: bool) -> dict[str, Any]:
     threads = max(1, math.ceil(cpus_per_actor))
     batch_size = cfg.batch_size or (64 if use_gpu else 16)
     return {"actors": actors, "cpus_per_actor": cpus_per_actor, "decode_cpus": decode_cpus,
+            "decode_memory": decode_task_memory(batch_size, size, cfg.decode_memory_mb, largest_memory),
             "threads": threads, "batch_size": batch_size, "gpus_per_actor": 1 if use_gpu else 0}
 
 
@@ -347,7 +374,7 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
     started = time.perf_counter()
     cfg = _absolute(cfg)
     endpoint = cfg.store.endpoint_url or None
-    store = open_store(cfg.out, endpoint)
+    store = open_store(cfg.out, endpoint, retry_seconds=cfg.store.retry_seconds)
     info = inspect_checkpoints(cfg.checkpoints, endpoint)
     size = resolve_image_size(cfg, info)
     pseudo_ids = _pseudo_ids(cfg)
@@ -355,7 +382,7 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
     _check_fingerprint(store, cfg)
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)
-    plan = plan_resources(cfg, use_gpu)
+    plan = plan_resources(cfg, use_gpu, size)
 
     done_before = {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in store.list(f"{WORK}/shards")}
     all_shards: list[int] = []
@@ -371,8 +398,10 @@ def score_pool(cfg: ScoreConfig, progress: bool = True) -> ScoreSummary:
         refs = [ray.put(table) for _, table in wave]
         ds = ray.data.from_arrow_refs(refs)
         ds = ds.map_batches(
-            decode_frames, fn_kwargs={"size": size, "endpoint_url": endpoint},
+            decode_frames,
+            fn_kwargs={"size": size, "endpoint_url": endpoint, "retry_seconds": cfg.store.retry_seconds},
             batch_size=plan["batch_size"], batch_format="pyarrow", num_cpus=plan["decode_cpus"],
+            memory=plan["decode_memory"],  # a node runs no more decodes than its memory holds
         )
         ds = ds.map_batches(
             ScoreActor,

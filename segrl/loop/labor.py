@@ -61,7 +61,7 @@ def labor_rows(
     scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                         inspect_checkpoints(checkpoints, endpoint))
     rows, remaining, position = [], budget, 0
-    for part, info, frames in chosen_frames(pool, chosen, image_size, endpoint):
+    for part, info, frames in chosen_frames(pool, chosen, image_size, endpoint, retry_seconds=store_cfg.retry_seconds):
         for k, image_id in enumerate(part):
             cap = remaining if caps is None else min(remaining, int(caps[position]))
             position += 1
@@ -77,10 +77,12 @@ def labor_rows(
 
 
 def chosen_frames(pool: pa.Table, chosen: np.ndarray, image_size: tuple[int, int], endpoint: str | None,
-                  decode: bool = True) -> Iterator[tuple[list[str], dict, np.ndarray | None]]:
+                  decode: bool = True, retry_seconds: float | None = None,
+                  ) -> Iterator[tuple[list[str], dict, np.ndarray | None]]:
     """(ids, id -> (uri, height, width), frames N x H x W x 3 uint8 at ``image_size``) of
     pool rows ``chosen``, CHUNK images at a time, so only as many images are decoded as a
-    caller consumes and the driver holds one chunk of frames. ``decode=False``: frames None."""
+    caller consumes and the driver holds one chunk of frames. ``decode=False``: frames None.
+    An unreachable S3 endpoint is tried again for ``retry_seconds`` (None: the store's default)."""
     for start in range(0, len(chosen), CHUNK):
         rows_part = pa.array(chosen[start : start + CHUNK], pa.int64())
         part = pool.column("id").take(rows_part).to_pylist()
@@ -90,7 +92,7 @@ def chosen_frames(pool: pa.Table, chosen: np.ndarray, image_size: tuple[int, int
         if decode:
             frames = decode_frames(pa.table({"id": part, "image_uri": [info[i][0] for i in part],
                                              "shard": [0] * len(part), "row": list(range(len(part)))}),
-                                   image_size, endpoint)["image"]
+                                   image_size, endpoint, retry_seconds)["image"]
         yield part, info, frames
 
 

@@ -79,7 +79,8 @@ def point_rows(
         scorer = PoolScorer(ScoreConfig(pool="-", checkpoints=checkpoints, out="-", store=store_cfg),
                             inspect_checkpoints(checkpoints, endpoint))
     rows = []
-    for part, info, frames in chosen_frames(pool, rows_chosen, image_size, endpoint, decode=scorer is not None):
+    for part, info, frames in chosen_frames(pool, rows_chosen, image_size, endpoint, decode=scorer is not None,
+                                            retry_seconds=store_cfg.retry_seconds):
         scores = None
         if scorer is not None:  # one chunk's maps at a time: K x N x C x H x W -> N x H x W
             scores = PIXEL_SCORES[score_name](scorer.probabilities(frames)[-1]).cpu().numpy()

@@ -261,7 +261,7 @@ def predictions(checkpoint: str, image_size: tuple[int, int], frames: list[tuple
         part = frames[start : start + PREDICT_CHUNK]
         batch = decode_frames(pa.table({"id": [i for i, _ in part], "image_uri": [u for _, u in part],
                                         "shard": [0] * len(part), "row": list(range(len(part)))}),
-                              image_size, endpoint)
+                              image_size, endpoint, cfg.store.retry_seconds)
         labels = scorer.probabilities(batch["image"])[-1].argmax(1).cpu().numpy().astype(np.uint8)
         out.update({image_id: label for (image_id, _), label in zip(part, labels, strict=True)})
     return out

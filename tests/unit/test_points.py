@@ -165,7 +165,7 @@ def fake_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop_points, "PoolScorer", FakeScorer)
     monkeypatch.setattr(loop_points, "inspect_checkpoints", lambda *args: None)
     monkeypatch.setattr(loop_labor, "decode_frames",
-                        lambda batch, size, endpoint: {"image": np.zeros((batch.num_rows, *size, 3), np.uint8)})
+                        lambda batch, size, endpoint, retry_seconds=None: {"image": np.zeros((batch.num_rows, *size, 3), np.uint8)})
 
 
 def rows_for(acquisition: str, table: pa.Table, budget: int, masks: dict, counts: dict,

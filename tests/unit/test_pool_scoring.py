@@ -228,3 +228,45 @@ def test_an_id_that_escapes_its_folder_is_an_error_row_when_pseudo_labels_are_wr
     assert errors[0] == "" and "'../x' cannot name a file" in errors[1] and errors[2] == "unreadable"
     actor.scorer = types.SimpleNamespace(out_store=None, pseudo_all=False, pseudo_ids=frozenset())
     assert actor._pseudo_label_errors(np.array(["../x"], object), np.array([""], object))[0] == ""
+
+
+def test_a_decode_task_reserves_the_largest_frame_pil_accepts_plus_its_batch(monkeypatch):
+    """Ray runs no more decode tasks on a node than its memory holds: each reserves what one
+    frame just under PIL's bomb limit takes while decoding, and the batch it returns."""
+    from segrl.config import ConfigError
+    from segrl.data.pool import largest_frame_decode_bytes
+    from segrl.engine.score import decode_task_memory
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert largest_frame_decode_bytes() == 2 * 1000 * 7  # RGBA/CMYK 4 bytes a pixel + the RGB copy 3
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a user who disabled the limit: PIL's default
+    assert largest_frame_decode_bytes() == 2 * 89_478_485 * 7
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    gib = 2.0**30
+    assert decode_task_memory(16, (60, 80), 0, 8 * gib) == 2 * 10_000 * 7 + 16 * 60 * 80 * 3
+    assert decode_task_memory(4, (10, 10), 0, 0.0) == 140_000 + 1200  # no memory figure: uncapped
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    assert decode_task_memory(16, (60, 80), 0, 0.5 * gib) == int(0.5 * gib)  # capped: a task always fits
+    assert decode_task_memory(16, (60, 80), 300, 8 * gib) == 300 * 2**20  # decode_memory_mb wins
+    with pytest.raises(ConfigError, match=r"'decode_memory_mb' = 9000 is more than any node has \(8192 MiB"):
+        decode_task_memory(16, (60, 80), 9000, 8 * gib)
+
+
+def test_decode_memory_mb_must_not_be_negative():
+    from segrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decode_memory_mb"):
+        load_config(overrides=["pool=p", "checkpoints=c", "out=o", "decode_memory_mb=-1"], cls=ScoreConfig)
+
+
+def test_an_unreachable_frame_store_becomes_an_error_row_after_store_retry_seconds():
+    """A frame on an S3 endpoint that is down is tried again for store.retry_seconds (the
+    config's value, here 0; before, always the store's 3-minute default), then becomes an
+    error row naming the endpoint and the setting."""
+    import time
+
+    started = time.perf_counter()
+    out = decode_frames(_pool_rows(["s3://frames/a.png"]), (16, 16), "http://127.0.0.1:9", retry_seconds=0)
+    assert time.perf_counter() - started < 30
+    assert "127.0.0.1:9 is unreachable" in out["error"][0]
+    assert "tried again for 0 s: store.retry_seconds" in out["error"][0]
