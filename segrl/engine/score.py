@@ -31,7 +31,12 @@ import pyarrow.parquet as pq
 
 from segrl.config import ConfigError, ScoreConfig, absolute_local_path, replace, to_dict
 from segrl.data.labels import DataError
-from segrl.data.pool import check_pool_ids, id_file_problem, largest_frame_decode_bytes, load_pool_frame
+from segrl.data.pool import (
+    check_pool_ids,
+    id_file_problem,
+    largest_frame_decode_bytes,
+    load_pool_frame,
+)
 from segrl.storage import ArtifactStore, open_store
 
 WORK = "_work"
