@@ -62,18 +62,23 @@ def random_points(clicks: int) -> list[str]:
             "al.acquisition=random_points", "al.budget_unit=clicks", "al.budget_per_round=1"]
 
 
-ROWS = {
+# Budgets in clicks (round 0 of a loop: random clicks in every image) ...
+POINT_ROWS = {
     **{f"random_points@{n}": random_points(n) for n in (5, 20, 100)},
     **{f"pixelpick_points@{n}": point_loop("pixelpick_points", n) for n in (5, 20, 100)},
     "margin_points@20": point_loop("margin_points", 20),
     "entropy_points@20": point_loop("entropy_points", 20),
     "labor_ppl@20": point_loop("labor_ppl", 20),
+}
+# ... and in pixels (round 0: random whole images).
+PIXEL_ROWS = {
     "random_images": [*IMAGE_LOOP, "al.acquisition=random"],
     "entropy_images": [*IMAGE_LOOP, "al.acquisition=entropy"],
     "region_entropy": [*IMAGE_LOOP, "al.acquisition=region_entropy", "al.regions_top_r=16"],
     "ripu_regions": [*IMAGE_LOOP, "al.acquisition=region_impurity", "al.regions_top_r=16"],
     "labor_spl": [*IMAGE_LOOP, "al.acquisition=labor_spl"],
 }
+ROWS = {**POINT_ROWS, **PIXEL_ROWS}
 # (row, recipe, seed) in the order they run: the reference and its convergence check first (a
 # reference that gains from doubling its steps makes every row's steps too few), then the rows
 # that decide the targets (random and uncertainty points at few clicks, random whole images),
@@ -217,8 +222,7 @@ def budget_groups(results: dict) -> dict[tuple[str, str], dict[str, list[dict]]]
         for entry in points(result):
             method = result["row"].split("@")[0]
             if entry["round"] == 0 and method != "random_images":
-                method = "random_points" if "initial_points_per_image" in " ".join(ROWS[result["row"]]) \
-                    else "random_images"
+                method = "random_points" if result["row"] in POINT_ROWS else "random_images"
             seeds = groups.setdefault((entry["budget"], result["recipe"]), {}).setdefault(method, [])
             if all(e["seed"] != result["seed"] for e in seeds):
                 seeds.append(dict(entry, seed=result["seed"]))
