@@ -1,0 +1,80 @@
+"""benchmarks/al_camvid.py's table logic: which numbers share a line, and the targets' verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "al_camvid.py"
+
+
+@pytest.fixture(scope="module")
+def al():
+    spec = importlib.util.spec_from_file_location("al_camvid", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point_row(al, row, seed, *mious, recipe="supervised"):
+    """A point row's result: round r has (r + 1) x 10 clicks per image when it is a loop."""
+    clicks = [al.POOL_IMAGES * 20] if len(mious) == 1 else [al.POOL_IMAGES * 10 * (r + 1) for r in range(len(mious))]
+    rounds = [{"round": r, "clicks": c, "labeled_share": c / (al.POOL_IMAGES * 172800), "val_miou": m}
+              for r, (c, m) in enumerate(zip(clicks, mious, strict=True))]
+    return {"row": row, "recipe": recipe, "seed": seed, "rounds": rounds, "seconds": 60.0}
+
+
+def image_row(al, row, seed, *mious, shares=(0.011, 0.056, 0.101)):
+    rounds = [{"round": r, "clicks": 0, "labeled_share": shares[r], "val_miou": m} for r, m in enumerate(mious)]
+    return {"row": row, "recipe": "supervised", "seed": seed, "rounds": rounds, "seconds": 60.0}
+
+
+def test_a_loops_round_zero_joins_its_random_method_once_per_seed(al):
+    results = {
+        "a": point_row(al, "random_points@20", 0, 0.30),
+        "b": point_row(al, "pixelpick_points@20", 0, 0.25, 0.33),
+        "c": point_row(al, "margin_points@20", 0, 0.25, 0.31),  # the same round 0 as b: counted once
+        "d": image_row(al, "entropy_images", 0, 0.20, 0.28, 0.35, shares=(0.011, 0.055, 0.099)),
+        "e": image_row(al, "random_images", 0, 0.20, 0.30, 0.36),
+    }
+    groups = al.budget_groups(results)
+    assert groups[("10 clicks/img", "supervised")] == {"random_points": [
+        {"budget": "10 clicks/img", "share": pytest.approx(10 / 172800), "miou": 0.25, "round": 0, "seed": 0}]}
+    assert set(groups[("20 clicks/img", "supervised")]) == {"random_points", "pixelpick_points", "margin_points"}
+    # pixel rounds share a line by name, whatever share each method spent
+    assert set(groups[("~5.5% pixels", "supervised")]) == {"entropy_images", "random_images"}
+    assert len(groups[("~1% pixels", "supervised")]["random_images"]) == 1
+
+
+def test_targets_say_met_missed_or_not_measured_from_the_tables_numbers(al):
+    ref = {"val_miou": 0.40}
+    results = {
+        **{f"r{s}": point_row(al, "random_points@20", s, m) for s, m in enumerate((0.30, 0.31, 0.29))},
+        **{f"p{s}": point_row(al, "pixelpick_points@20", s, 0.26, m) for s, m in enumerate((0.385, 0.39, 0.395))},
+        "i0": image_row(al, "random_images", 0, 0.20, 0.30, 0.36),
+        "e0": image_row(al, "entropy_images", 0, 0.20, 0.28, 0.37),  # round 1 loses to random; round 2 wins
+        "x0": image_row(al, "region_entropy", 0, 0.20, 0.31, 0.29),  # ends below its round before
+    }
+    lines = al.target_lines(al.budget_groups(results), ref, results)
+    text = "\n".join(lines)
+    assert "at <= 20 clicks/img, best row >= 95% of full: met (pixelpick_points, supervised, 20 clicks/img: " \
+           "39.00 mIoU = 97.5%)" in text
+    assert "at <= 5 clicks/img, best row >= 85% of full: not measured" in text
+    # 39.0 vs 30.0: +9 mIoU, beyond 2 and beyond the spreads (0.5 + 1.0)
+    assert "20 clicks/img (supervised): best active row pixelpick_points 39.00 vs random_points 30.00: +9.00 mIoU, " \
+           "needed > 2.00: met (n = 3 and 3)" in text
+    assert "~5.5% pixels (supervised): best active row region_entropy 31.00 vs random_images 30.00: +1.00 mIoU, " \
+           "needed > 0.00: met" in text
+    assert "~10% pixels (supervised): best active row entropy_images 37.00 vs random_images 36.00" in text
+    assert "no later round below the one before beyond the seeds' spread: MISSED: region_entropy (supervised) " \
+           "round 2: -2.00 mIoU" in text
+
+
+def test_a_small_gain_within_two_miou_is_missed_at_few_clicks(al):
+    ref = {"val_miou": 0.40}
+    results = {"r": point_row(al, "random_points@20", 0, 0.30), "p": point_row(al, "pixelpick_points@20", 0, 0.26, 0.31)}
+    text = "\n".join(al.target_lines(al.budget_groups(results), ref, results))
+    assert "best active row pixelpick_points 31.00 vs random_points 30.00: +1.00 mIoU, needed > 2.00: MISSED" in text
+    assert "at <= 20 clicks/img, best row >= 95% of full: MISSED" in text
