@@ -1,13 +1,17 @@
 """A real Label Studio server for the tests: ``label-studio`` from the dev extras, on 127.0.0.1.
 
-Its first start runs Django's migrations into a fresh sqlite database, about two minutes
+Its first start runs Django's migrations into a fresh sqlite database, two to five minutes
 on two busy cores; a start on a migrated database takes about ten seconds. So the first
-start ever migrates a template data folder, cached under pytest's cache per Label Studio
-version, and every server starts from a throwaway copy of it in the test's temp folder.
+start ever migrates a template data folder, and every server starts from a throwaway copy
+of it in the test's temp folder. The template lives in the user's cache folder
+(``template_cache_dir``), not the checkout's ``.pytest_cache``: a fresh clone or CI checkout
+on the same machine then reuses it rather than migrating again. Its name holds the Label
+Studio version and the test user, so a new version or user builds a new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -96,13 +100,28 @@ def start_label_studio(data_dir: Path, document_root: Path) -> LabelStudioServer
     raise RuntimeError(f"label-studio did not answer in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
 
 
+def template_cache_dir() -> Path:
+    """Where migrated templates are kept: ``$SEGRL_TEST_CACHE``, else ``$XDG_CACHE_HOME`` or
+    ``~/.cache``, under ``segrl-tests``."""
+    if os.environ.get("SEGRL_TEST_CACHE"):
+        return Path(os.environ["SEGRL_TEST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segrl-tests"
+
+
+def template_name() -> str:
+    """The template's folder name: the Label Studio version, and a digest of the user and
+    token it was built with (a template of another user would not log this one in)."""
+    user = hashlib.sha256(f"{USERNAME}\0{PASSWORD}\0{TOKEN}".encode()).hexdigest()[:12]
+    return f"label-studio-{version('label-studio')}-{user}"
+
+
 def migrated_template(cache_dir: Path, document_root: Path) -> tuple[Path, float]:
     """(data folder with Label Studio's database migrated and the test user, seconds spent).
 
-    Built once per Label Studio version under ``cache_dir`` by one start and stop; 0 s
+    Built once per ``template_name()`` under ``cache_dir`` by one start and stop; 0 s
     when it was already there.
     """
-    template = cache_dir / f"label-studio-{version('label-studio')}"
+    template = cache_dir / template_name()
     if (template / "label_studio.sqlite3").exists():
         return template, 0.0
     building = cache_dir / f".building-{os.getpid()}"
@@ -111,6 +130,10 @@ def migrated_template(cache_dir: Path, document_root: Path) -> tuple[Path, float
     server = start_label_studio(building / "data", document_root)
     server.stop()
     shutil.rmtree(template, ignore_errors=True)
-    (building / "data").rename(template)  # whole or not at all: a crash leaves no half template
+    try:
+        (building / "data").rename(template)  # whole or not at all: a crash leaves no half template
+    except OSError:  # another test process renamed its own build there first: use that one
+        if not (template / "label_studio.sqlite3").exists():
+            raise
     shutil.rmtree(building, ignore_errors=True)
     return template, server.start_seconds

@@ -79,6 +79,14 @@ def test_submitted_training_job_writes_every_artifact_to_s3_and_no_secret_to_log
     for text in (transcript, logs, status, config):
         assert secret not in text
 
+    # The stack's head has segrl's local-cluster Ray Train settings: the job's run started no
+    # preemption watcher actor (the state API lists the run's actors, ended ones too)
+    listing = subprocess.run(["ray", "list", "actors", "--format", "json", "--limit", "10000"], cwd=REPO,
+                             env=stack, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    classes = {actor["class_name"] for actor in json.loads(listing.stdout[listing.stdout.index("["):])}
+    assert "RayTrainWorker" in classes and "PreemptionWatcher" not in classes, classes
+
     # A scoring job reads those checkpoints from S3 and writes its tables back to S3.
     score = subprocess.run(
         ["ray", "job", "submit", "--runtime-env", "cluster/runtime_env.yaml", "--",

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _label_studio import LabelStudioServer, migrated_template, start_label_studio
+from _label_studio import (
+    LabelStudioServer,
+    migrated_template,
+    start_label_studio,
+    template_cache_dir,
+)
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.converter import brush
 from PIL import Image
@@ -38,11 +43,10 @@ POINTS = [[40, 60], [200, 300], [350, 470]]
 
 
 @pytest.fixture(scope="module")
-def label_studio(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[LabelStudioServer]:
+def label_studio(tmp_path_factory) -> Iterator[LabelStudioServer]:
     if not (CAMVID / "train").is_dir():
         pytest.skip(f"CamVid frames not found under {CAMVID}")
-    cache = Path(request.config.cache.mkdir("label-studio"))
-    template, migrate_seconds = migrated_template(cache, CAMVID)
+    template, migrate_seconds = migrated_template(template_cache_dir(), CAMVID)
     data_dir = tmp_path_factory.mktemp("label-studio") / "data"
     shutil.copytree(template, data_dir)
     server = start_label_studio(data_dir, CAMVID)

@@ -345,6 +345,16 @@ def test_local_up_binds_only_loopback() -> None:
     assert {value for _, value in binds} == {LOOPBACK}
 
 
+def test_local_up_head_has_the_ray_train_settings_of_segrls_local_cluster() -> None:
+    """The stack's head is a cluster of this machine alone too: its jobs' training runs poll
+    and skip the preemption watcher as segrl's own local cluster does, unless the shell says."""
+    from segrl.engine.train import LOCAL_CLUSTER_ENV
+
+    script = "\n".join(code_lines(CLUSTER / "local_up.sh"))
+    for name, value in LOCAL_CLUSTER_ENV.items():
+        assert f'{name}="${{{name}:-{value}}}"' in script, f"local_up.sh does not default {name} to {value}"
+
+
 def test_local_up_uses_the_weed_flags_the_tests_use() -> None:
     from _seaweed import _weed_command
 

@@ -82,16 +82,22 @@ def test_all_reduce_sums_over_gloo_ranks():
     """Two real gloo ranks in subprocesses each add their own matrix."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    # forked, not spawned: a spawned rank imports torch again, tens of seconds on two busy cores
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_reduce_rank, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = [queue.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert all(r == [[1, 1], [0, 2]] for r in results)
+    assert [p.exitcode for p in procs] == [0, 0]
 
 
 def _free_port() -> int:
