@@ -40,12 +40,7 @@ from torch import nn
 
 from segrl.config import MethodConfig
 from segrl.data.batch_augment import BatchStrongView
-from segrl.data.classmix import (
-    ReplayBuffer,
-    balanced_class_probabilities,
-    classmix,
-    sample_mix_classes,
-)
+from segrl.data.classmix import ReplayBuffer, balanced_class_probabilities, batch_mix_masks
 from segrl.losses import (
     confidence_weighted_ce,
     cross_entropy,
@@ -227,18 +222,9 @@ class MeanTeacherRecipe(Recipe):
         """
         src_images, src_probs, src_valid = sources
         src_pseudo = src_probs.argmax(1).masked_fill(~src_valid, self.ignore_index)
-        pseudo = probs.argmax(1)
-        mixed_images, mixed_probs, mixed_valid = [], [], []
-        for i in range(images.shape[0]):
-            present = src_pseudo[i].unique()
-            classes = sample_mix_classes(present[present != self.ignore_index], self.mix_probs,
-                                         generator=self.generator)
-            image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i],
-                                       classes.to(pseudo.device), self.ignore_index)
-            mixed_images.append(image)
-            mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
-            mixed_valid.append(paste | valid[i])
-        return torch.stack(mixed_images), torch.stack(mixed_probs), torch.stack(mixed_valid)
+        paste = batch_mix_masks(src_pseudo, self.mix_probs, self.ignore_index, self.generator).unsqueeze(1)
+        return (torch.where(paste, src_images, images), torch.where(paste, src_probs, probs),
+                paste.squeeze(1) | valid)
 
     def compute(self, model, batch_x, batch_u, epoch):
         images_x, masks_x = batch_x["image"], batch_x["mask"]
