@@ -199,19 +199,24 @@ def main() -> None:
                              "labeled_images_per_s": images / seconds, "seconds_per_step": seconds / steps})
                 print(f"[throughput] {recipe}: {name}: {rows[-1]['labeled_images_per_s']:.2f} labeled images/s",
                       flush=True)
+                table = write_results(rows, setting, args)  # after every row: a stopped run keeps its rows
     ray.shutdown()
-    table = format_table(rows, args)
     print("\n" + table)
+    print(f"\nresults: {args.out_dir}/train_throughput_{args.setting}.{{md,json}}")
+
+
+def write_results(rows: list[dict], setting: dict, args) -> str:
+    table = format_table(rows, args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train_throughput_{args.setting}.md").write_text(table + "\n")
     (out / f"train_throughput_{args.setting}.json").write_text(json.dumps({
         "setting": args.setting, **setting, "threads": args.threads, "batch": BATCH, "size": SIZE,
-        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "cpus": os.cpu_count(), "load_average": os.getloadavg(),
         "config": to_dict(experiment(setting, args.recipes[0], args.threads, 1, "-", args.data_root)),
         "rows": rows,
     }, indent=2))
-    print(f"\nresults: {out}/train_throughput_{args.setting}.{{md,json}}")
+    return table
 
 
 def format_table(rows: list[dict], args) -> str:
@@ -219,7 +224,7 @@ def format_table(rows: list[dict], args) -> str:
     supervised = {r["contender"]: r for r in rows if r["recipe"] == "supervised"}
     lines = [f"Training throughput: LR-ASPP MobileNetV3-Large, CamVid {SIZE[0]}x{SIZE[1]}, batch {BATCH}, "
              f"{args.threads} CPU threads per contender, setting '{args.setting}' "
-             f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
+             f"(load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
              "| recipe | contender | labeled images/s | s/step | ratio to (a) | step vs supervised |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
