@@ -83,6 +83,36 @@ def sample_mix_classes(
     return present[order]
 
 
+def batch_mix_masks(
+    labels: torch.Tensor,
+    probabilities: torch.Tensor,
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Balanced ClassMix's paste masks of a whole batch: for each source label map
+    (``labels`` ``B x H x W``, e.g. pseudo labels), half of its present classes (at least
+    one) drawn without replacement weighted by ``probabilities[c]`` (``C``), and the pixels
+    of those classes (``B x H x W`` bool, on ``labels``' device). Ignored pixels are never
+    pasted. The same draw as :func:`sample_mix_classes` image by image, made for all
+    images at once (Gumbel top-k: sorting ``log w + Gumbel noise`` orders the classes as
+    successive weighted draws without replacement would).
+    """
+    b, c = labels.shape[0], probabilities.numel()
+    keys = torch.where(labels == ignore_index, c, labels).reshape(b, -1)  # ignore -> column c
+    present = torch.zeros(b, c + 1, dtype=torch.bool, device=labels.device).scatter_(1, keys, True)
+    present = present[:, :c].cpu()  # B x C: drawn on the CPU, from ``generator``
+    weights = probabilities.detach().float().cpu().expand(b, c) * present
+    # no preference known (no present class weighs anything): ClassMix's uniform draw
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, present.float())
+    gumbel = -torch.log(-torch.log(torch.rand(b, c, generator=generator).clamp(min=1e-20)))
+    score = torch.where(weights > 0, weights.log() + gumbel, float("-inf"))
+    rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+    k = (present.sum(1, keepdim=True) // 2).clamp(min=1)
+    chosen = (rank < k) & present
+    chosen = torch.cat([chosen, torch.zeros(b, 1, dtype=torch.bool)], dim=1).to(labels.device)
+    return chosen.gather(1, keys).view_as(labels)
+
+
 Sample = tuple[torch.Tensor, torch.Tensor]
 
 

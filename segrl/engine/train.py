@@ -462,8 +462,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if sets.target_labeled is not None and n_target else None
     )
     progress = EpochProgress()
+    checkpoint_seconds = [0.0]  # how long the last checkpoint took (written into the next epoch's history)
 
     def checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
+        began = time.perf_counter()
+        _checkpoint_and_report(epoch, metrics)
+        checkpoint_seconds[0] = time.perf_counter() - began
+
+    def _checkpoint_and_report(epoch: int, metrics: dict[str, Any]) -> None:
         metrics = dict(metrics, step=step, epoch=epoch, start_step=start_step)
         # every rank's streams, gathered before rank 0 writes: all ranks call this together
         recipe_state = recipe.state_dict()
@@ -528,7 +534,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         }
         progress = EpochProgress()
         last_epoch = epoch + 1 == epochs
+        # the run's time outside training steps: this epoch's evaluation, the last checkpoint
+        summary.update(eval_s=0.0, previous_checkpoint_s=checkpoint_seconds[0])
         if (epoch + 1) % tcfg.eval_every_epochs == 0 or last_epoch:
+            eval_began = time.perf_counter()
             val_loader = make_loader(sets.val, tcfg.batch_size, val_sampler, cfg.data.loader_workers, drop_last=False,
                                      seed=[tcfg.seed, rank, epoch])
             conf = evaluate_confusion(recipe.eval_model(model), val_loader, len(classes), device, ignore,
@@ -543,6 +552,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 from segrl.metrics import format_iou_table
 
                 summary["table"] = format_iou_table(conf, list(classes))
+            summary["eval_s"] = time.perf_counter() - eval_began
         history.append({k: v for k, v in summary.items() if k != "table"})
         if rank == 0:
             say(_epoch_line(summary, epochs, step))

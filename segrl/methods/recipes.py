@@ -39,13 +39,8 @@ import torch
 from torch import nn
 
 from segrl.config import MethodConfig
-from segrl.data.classmix import (
-    ReplayBuffer,
-    balanced_class_probabilities,
-    classmix,
-    sample_mix_classes,
-)
-from segrl.data.transforms import strong_transform
+from segrl.data.batch_augment import BatchStrongView
+from segrl.data.classmix import ReplayBuffer, balanced_class_probabilities, batch_mix_masks
 from segrl.losses import (
     confidence_weighted_ce,
     cross_entropy,
@@ -69,17 +64,16 @@ def valid_pixels(batch: dict) -> torch.Tensor:
     return torch.ones(image.shape[0], *image.shape[-2:], dtype=torch.bool, device=image.device)
 
 
-def strong_views(images: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+STRONG_VIEW = BatchStrongView()  # strong_transform's augmentation, on whole batches
+
+
+def strong_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Strong views ``B x 3 x H x W`` of weak images and their cutout masks ``B x H x W``
-    (True where cutout blanked the pixel: no pseudo label may be learned there)."""
-    strong = strong_transform()
-    blank = torch.zeros(images.shape[-2:], dtype=torch.int64)
-    views, ignored = [], []
-    for image in images.cpu():
-        out = strong({"image": image, "mask": blank})
-        views.append(out["image"])
-        ignored.append(out["mask"] == ignore_index)
-    return torch.stack(views).to(images.device), torch.stack(ignored).to(images.device)
+    (True where cutout blanked the pixel: no pseudo label may be learned there), made on
+    the images' own device, each image with its own random draw. In float32 even under
+    autocast: they are inputs, not activations."""
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        return STRONG_VIEW(images)
 
 
 class Recipe:
@@ -228,18 +222,9 @@ class MeanTeacherRecipe(Recipe):
         """
         src_images, src_probs, src_valid = sources
         src_pseudo = src_probs.argmax(1).masked_fill(~src_valid, self.ignore_index)
-        pseudo = probs.argmax(1)
-        mixed_images, mixed_probs, mixed_valid = [], [], []
-        for i in range(images.shape[0]):
-            present = src_pseudo[i].unique()
-            classes = sample_mix_classes(present[present != self.ignore_index], self.mix_probs,
-                                         generator=self.generator)
-            image, _, paste = classmix(src_images[i], src_pseudo[i], images[i], pseudo[i],
-                                       classes.to(pseudo.device), self.ignore_index)
-            mixed_images.append(image)
-            mixed_probs.append(torch.where(paste.unsqueeze(0), src_probs[i], probs[i]))
-            mixed_valid.append(paste | valid[i])
-        return torch.stack(mixed_images), torch.stack(mixed_probs), torch.stack(mixed_valid)
+        paste = batch_mix_masks(src_pseudo, self.mix_probs, self.ignore_index, self.generator).unsqueeze(1)
+        return (torch.where(paste, src_images, images), torch.where(paste, src_probs, probs),
+                paste.squeeze(1) | valid)
 
     def compute(self, model, batch_x, batch_u, epoch):
         images_x, masks_x = batch_x["image"], batch_x["mask"]
@@ -261,7 +246,7 @@ class MeanTeacherRecipe(Recipe):
         if self.cfg.classmix:
             # S4AL: the student learns the mixed images only, one per unlabeled image
             images_u, probs_u, valid_u = self._mix(images_u, probs_u, valid_u, sources)
-        strong_u, cut_u = strong_views(images_u, self.ignore_index)
+        strong_u, cut_u = strong_views(images_u)
         ignore_u = cut_u | ~valid_u  # cutout boxes and crop padding: nothing to see there
         logits, feats = model(torch.cat([images_x, strong_u]), return_features=True)
         loss_x = self._labeled_ce(logits[:n_x], batch_x)
@@ -320,7 +305,7 @@ class StrongForward:
 
 
 def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> StrongForward:
-    strong_u, cut_u = strong_views(batch_u["image"], recipe.ignore_index)
+    strong_u, cut_u = strong_views(batch_u["image"])
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
     loss_x = recipe._labeled_ce(logits[:n_x], batch_x)

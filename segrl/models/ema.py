@@ -55,13 +55,19 @@ class EMATeacher:
         m = ema_momentum(step, self.momentum)
         student = unwrap(student)
         own = dict(self.model.named_parameters())
-        for name, param in student.named_parameters():
-            own[name].mul_(m).add_(param.detach().to(own[name].dtype), alpha=1.0 - m)
+        pairs = [(own[name], param.detach()) for name, param in student.named_parameters()]
+        targets = [mine for mine, _ in pairs]
+        sources = [theirs.to(mine.dtype) for mine, theirs in pairs]
+        # one fused multiply-add over all tensors (a few kernels, not two per parameter)
+        if targets:  # the foreach ops refuse empty lists
+            torch._foreach_mul_(targets, m)
+            torch._foreach_add_(targets, sources, alpha=1.0 - m)
         if copy_buffers:
             own_buffers = dict(self.model.named_buffers())
-            for name, buf in student.named_buffers():
-                # running stats are already averages; num_batches_tracked is an integer
-                own_buffers[name].copy_(buf)
+            # running stats are already averages; num_batches_tracked is an integer
+            buffers = list(student.named_buffers())
+            if buffers:
+                torch._foreach_copy_([own_buffers[name] for name, _ in buffers], [buf for _, buf in buffers])
         return m
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -36,6 +36,7 @@ def test_proda_with_contrastive_and_adversarial_terms_then_distillation(tmp_path
     # every term ran: its mean is logged per epoch
     assert {"loss_u", "loss_structure", "loss_contrastive", "loss_adv"} <= set(history[-1])
     assert history[-1]["loss_contrastive"] > 0
+    assert history[-1]["eval_s"] > 0 and history[-1]["previous_checkpoint_s"] > 0  # the run's overheads
     snapshot = next((tmp_path / "proda" / "snapshots").glob("ckpt_*")) / "checkpoint.pt"
     distilled = train(load_config(overrides=[
         *TINY, f"store.root={tmp_path}", "name=distill", "train.steps=10", "method.name=distill",

@@ -8,6 +8,7 @@ import torch
 from segrl.data.classmix import (
     ReplayBuffer,
     balanced_class_probabilities,
+    batch_mix_masks,
     classmix,
     sample_mix_classes,
 )
@@ -110,3 +111,40 @@ def test_replay_buffer_draws_uniformly_and_state_round_trips():
     restored.load_state_dict(buffer.state_dict())
     assert len(restored) == 4
     assert torch.equal(restored.sample(3)[1], buffer.sample(3)[1])  # same generator state
+
+
+def test_batch_mix_masks_draw_like_sample_mix_classes_image_by_image():
+    """Each image's classes: half of its own present ones, with the same tail-biased
+    frequencies as the per-image draw (the batched one draws all images at once)."""
+    probs = balanced_class_probabilities(torch.tensor([10000.0, 5000.0, 100.0, 10.0]), temperature=0.5)
+    labels = torch.arange(4).repeat_interleave(3).view(1, 3, 4).expand(2000, 3, 4)  # every class, 3 pixels
+    paste = batch_mix_masks(labels, probs, generator=torch.Generator().manual_seed(0))
+    picked = paste.view(2000, 4, 3)
+    assert (picked.all(2) == picked.any(2)).all()  # a class is pasted whole or not at all
+    per_image = picked.any(2)
+    assert (per_image.sum(1) == 2).all()  # half of the four present classes
+    batched = per_image.float().mean(0)
+    g, reference = torch.Generator().manual_seed(1), torch.zeros(4)
+    for _ in range(2000):
+        reference[sample_mix_classes(torch.arange(4), probs, generator=g)] += 1
+    torch.testing.assert_close(batched, reference / 2000, atol=0.04, rtol=0)
+
+
+def test_batch_mix_masks_only_paste_present_classes_never_ignore_and_differ_per_image():
+    labels = torch.full((3, 4, 6), 255)
+    labels[0, :, :3] = 2  # one class: always that one
+    labels[1] = torch.tensor([0, 1, 2, 3, 4, 5]).repeat(4, 1)  # six classes: three
+    # image 2: all ignore: nothing to paste
+    probs = torch.full((6,), 1 / 6)
+    paste = batch_mix_masks(labels, probs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(paste[0], labels[0] == 2)
+    assert paste[1].any(0).sum() == 3 and (paste[1].all(0) == paste[1].any(0)).all()
+    assert not paste[2].any()
+    draws = {tuple(batch_mix_masks(labels[1:2].expand(8, -1, -1), probs)[i, 0].tolist()) for i in range(8)}
+    assert len(draws) > 1  # each image draws its own classes
+
+
+def test_batch_mix_masks_fall_back_to_uniform_when_no_present_class_weighs_anything():
+    labels = torch.tensor([[[0, 1]]])
+    paste = batch_mix_masks(labels, torch.tensor([0.0, 0.0, 1.0]), generator=torch.Generator().manual_seed(0))
+    assert paste.sum() == 1

@@ -164,3 +164,30 @@ def test_mean_teacher_learns_no_pseudo_label_on_padding_and_forwards_one_view_pe
     _, outputs = recipe.compute(model, batch(), second, epoch=0)  # sources from the buffer now
     assert (outputs.pseudo_u[~second["valid"]] == 255).all()
     assert sizes == [4, 4]  # 2 labeled + 2 mixed, no extra un-mixed or second mixed batch
+
+
+def test_mean_teacher_learns_no_pseudo_label_in_the_cutout_boxes_of_its_batched_strong_views(monkeypatch):
+    """The strong views are made for the whole (mixed) batch at once; every pixel a cutout
+    box blanked, and every crop-padding pixel, is ignore in the pseudo labels learned."""
+    import segrl.methods.recipes as recipes
+    from segrl.data.batch_augment import BatchStrongView
+
+    boxes = []
+    always_cut = BatchStrongView(cutout_p=1.0)
+
+    def recording(images):
+        views, cut = always_cut(images)
+        boxes.append(cut)
+        return views, cut
+
+    monkeypatch.setattr(recipes, "STRONG_VIEW", recording)
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    cfg = MethodConfig(name="mean_teacher", cold_start_epochs=0, classmix=True)
+    recipe = build_recipe(cfg, model, torch.tensor([1000, 100, 10, 1]), 255, seed=0)
+    unlabeled = padded_batch(1)
+    _, outputs = recipe.compute(model, batch(), unlabeled, epoch=0)
+    (cut,) = boxes
+    assert cut.shape == (2, 32, 40) and cut.any(1).any(1).all()  # a box in each image
+    assert (outputs.pseudo_u[cut] == 255).all()
+    assert (outputs.pseudo_u[~cut & unlabeled["valid"]] != 255).all()  # the rest is learned
