@@ -12,7 +12,13 @@ import torch
 from segrl.config import MethodConfig, TrainConfig, load_config
 from segrl.data.build import build_training_sets
 from segrl.engine.selftrain import rank_by_stability, split_reliable
-from segrl.engine.train import _class_counts, batch_sizes, concat_batches, plan_steps, snapshot_schedule
+from segrl.engine.train import (
+    _class_counts,
+    batch_sizes,
+    concat_batches,
+    plan_steps,
+    snapshot_schedule,
+)
 from segrl.losses import inverse_sqrt_frequency_weights, tail_anchor_counts
 from segrl.methods.recipes import build_recipe
 from segrl.methods.terms import AdversarialTerm, ContrastiveTerm, StepOutputs
