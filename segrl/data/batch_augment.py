@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -30,7 +31,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from segrl.data.labels import IGNORE_INDEX
-from segrl.data.transforms import denormalize, normalize
+from segrl.data.transforms import StrongAugmentation, denormalize, normalize
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # v2.ColorJitter's order of its adjustments
 
@@ -120,30 +121,20 @@ class BatchStrongView:
     """Strong views of a batch of normalized images ``B x 3 x H x W`` and the pixels its
     cutout boxes blanked (``B x H x W`` bool: no label may be learned there).
 
-    The defaults are :func:`segrl.data.transforms.strong_transform`'s. The photometric
+    Its settings are :func:`segrl.data.transforms.strong_transform`'s (one StrongAugmentation). The photometric
     steps work on [0, 1] images (undone and redone around them); geometry never changes,
     so the weak view's labels stay aligned. The input is not modified.
     """
 
-    def __init__(
-        self,
-        jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        cutout_p: float = 0.5,
-        cutout_scale: tuple[float, float] = (0.02, 0.4),
-        cutout_ratio: tuple[float, float] = (0.3, 3.3),
-        cutout_value: float = 0.0,
-    ) -> None:
-        if not 0.0 <= jitter[3] <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {jitter[3]}")
-        self.jitter, self.jitter_p, self.grayscale_p = jitter, jitter_p, grayscale_p
-        self.blur_p, self.blur_sigma = blur_p, blur_sigma
-        self.kernel_size = 2 * math.ceil(3 * blur_sigma[1]) + 1  # as strong_transform's
-        self.cutout_p, self.cutout_scale, self.cutout_ratio = cutout_p, cutout_scale, cutout_ratio
-        self.cutout_value = cutout_value
+    def __init__(self, **settings: Any) -> None:
+        """``settings`` override :class:`~segrl.data.transforms.StrongAugmentation`'s defaults by name."""
+        aug = replace(StrongAugmentation(), **settings)
+        if not 0.0 <= aug.jitter[3] <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {aug.jitter[3]}")
+        self.jitter, self.jitter_p, self.grayscale_p = aug.jitter, aug.jitter_p, aug.grayscale_p
+        self.blur_p, self.blur_sigma, self.kernel_size = aug.blur_p, aug.blur_sigma, aug.blur_kernel
+        self.cutout_p, self.cutout_scale, self.cutout_ratio = aug.cutout_p, aug.cutout_scale, aug.cutout_ratio
+        self.cutout_value = aug.cutout_value
 
     def draw(self, n: int, h: int, w: int, generator: torch.Generator | None = None) -> StrongParams:
         """The random parameters of ``n`` images of ``h x w``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -280,30 +281,43 @@ def eval_transform(base_size: int | Sequence[int] | None = None) -> TwoStage:
     return TwoStage(resize(base_size) if base_size else _unchanged, ToTensors())
 
 
-def strong_transform(
-    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
-    jitter_p: float = 0.8,
-    grayscale_p: float = 0.2,
-    blur_p: float = 0.5,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
-    cutout_p: float = 0.5,
-    cutout_scale: tuple[float, float] = (0.02, 0.4),
-    cutout_ratio: tuple[float, float] = (0.3, 3.3),
-    cutout_value: float = 0.0,
-) -> StrongView:
-    """Strong view for a final weak sample: returns ``{"image": strong 3xHxW, "mask": HxW}``
-    with the cutout box set to the ignore index (other keys copied).
+@dataclass(frozen=True)
+class StrongAugmentation:
+    """What a strong view draws (FixMatch / S4AL style), shared by the per-sample
+    :func:`strong_transform` and the batched ``segrl.data.batch_augment.BatchStrongView``.
 
-    ``jitter`` is (brightness, contrast, saturation, hue) for ``v2.ColorJitter``.
+    ``jitter`` is (brightness, contrast, saturation, hue) for ``v2.ColorJitter``; each step
+    is applied with its probability; cutout blanks a box of ``cutout_scale`` of the image
+    with aspect ratio (w/h) in ``cutout_ratio``.
     """
-    # Kernel 2*ceil(3*sigma)+1 covers the largest sigma; GaussianBlur needs an odd size.
-    kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+
+    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutout_p: float = 0.5
+    cutout_scale: tuple[float, float] = (0.02, 0.4)
+    cutout_ratio: tuple[float, float] = (0.3, 3.3)
+    cutout_value: float = 0.0
+
+    @property
+    def blur_kernel(self) -> int:
+        """2*ceil(3*sigma)+1 covers the largest sigma; GaussianBlur needs an odd size."""
+        return 2 * math.ceil(3 * self.blur_sigma[1]) + 1
+
+
+def strong_transform(**settings: Any) -> StrongView:
+    """Strong view for a final weak sample: returns ``{"image": strong 3xHxW, "mask": HxW}``
+    with the cutout box set to the ignore index (other keys copied). ``settings`` override
+    :class:`StrongAugmentation`'s defaults by name."""
+    aug = replace(StrongAugmentation(), **settings)
     photometric = v2.Compose(
         [
-            v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
-            v2.RandomGrayscale(p=grayscale_p),
-            v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
+            v2.RandomApply([v2.ColorJitter(*aug.jitter)], p=aug.jitter_p),
+            v2.RandomGrayscale(p=aug.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(aug.blur_kernel, sigma=aug.blur_sigma)], p=aug.blur_p),
         ]
     )
-    cutout = Cutout(cutout_p, cutout_scale, cutout_ratio, cutout_value)
+    cutout = Cutout(aug.cutout_p, aug.cutout_scale, aug.cutout_ratio, aug.cutout_value)
     return StrongView(photometric, cutout)
