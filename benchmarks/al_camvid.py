@@ -20,7 +20,7 @@ Rows run in the order of ``PLAN`` (most informative first), each a loop in its o
 folder; the benchmark is resumable (a finished row is not rerun, an interrupted one
 resumes inside its loop) and rewrites its table, JSON and plot after every row.
 
-    python benchmarks/al_camvid.py                          # small: 90x120, 1000 steps a training run
+    python benchmarks/al_camvid.py                          # small: 90x120, 2000 steps a training run
     python benchmarks/al_camvid.py --setting full           # 180x240, 2750 steps
     python benchmarks/al_camvid.py --rows random_points@20,pixelpick_points@20 --seeds 0,1,2
     python benchmarks/al_camvid.py --list                   # the rows and their order
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "small": {"size": (90, 120), "steps": 1000, "region": (16, 16), "batch": 8},
+    "small": {"size": (90, 120), "steps": 2000, "region": (16, 16), "batch": 8},
     "full": {"size": (180, 240), "steps": 2750, "region": (32, 32), "batch": 8},
 }
 POOL_IMAGES = 367  # CamVid train: a per-image click budget x this covers every image
