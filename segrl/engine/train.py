@@ -83,6 +83,16 @@ LOCAL_CLUSTER_ENV = {
 # default on macOS and Windows) the node's address is 127.0.0.1 and they listen there only;
 # such a cluster takes no other nodes, which a cluster of this machine alone never needs.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# An epoch's history keys that depend on the clock, not on what was learned: a resumed or
+# disturbed run equals an undisturbed one in every other key.
+CLOCK_KEYS = ("images_per_s", "eval_s", "previous_checkpoint_s")
+
+
+def without_clock(history: list[dict]) -> list[dict]:
+    """Each epoch's record without its :data:`CLOCK_KEYS`."""
+    return [{k: v for k, v in epoch.items() if k not in CLOCK_KEYS} for epoch in history]
+
+
 # store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
 # data.cache_bytes and store.retry_seconds change speed and patience, not results
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",

@@ -354,3 +354,12 @@ def test_a_driver_joining_a_loopback_cluster_is_told_so():
         assert is_loopback_address(address), address
     for address in ("192.0.2.2:6379", "head.example.org:6379", "ray://10.0.0.5:10001"):
         assert not is_loopback_address(address), address
+
+
+def test_without_clock_drops_only_the_values_that_depend_on_the_clock():
+    from segrl.engine.train import without_clock
+
+    history = [{"epoch": 1, "loss": 0.5, "images_per_s": 9.1, "eval_s": 0.3, "previous_checkpoint_s": 1.2,
+                "val_miou": 0.4}]
+    assert without_clock(history) == [{"epoch": 1, "loss": 0.5, "val_miou": 0.4}]
+    assert history[0]["eval_s"] == 0.3  # the input is not modified
