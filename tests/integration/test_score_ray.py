@@ -17,6 +17,7 @@ from _procs import own_descendants
 
 from segrl.config import ScoreConfig, load_config
 from segrl.engine.score import score_pool
+from segrl.storage import TMP_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,10 @@ def actor_pids() -> list[int]:
 
 
 def committed_shards(out: Path) -> int:
-    return len(list((out / "_work" / "shards").glob("*.done")))
+    """Shards whose marker is written. A driver killed mid-write leaves the marker's hidden
+    temporary ('.tmp-<uuid>-000003.done', which pathlib's glob matches): not a commit, and
+    counting it made this test fail now and then (skipped 2 of 3 'committed')."""
+    return len([p for p in (out / "_work" / "shards").glob("*.done") if not p.name.startswith(TMP_PREFIX)])
 
 
 def test_a_killed_actor_is_retried_then_a_rerun_after_the_driver_was_killed_rescores_nothing_committed(
