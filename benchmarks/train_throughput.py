@@ -18,6 +18,14 @@ the last epoch's (the first warms up allocators and caches); ratios are against 
 
 Targets (issue 14): (c) >= 0.9x (a) for supervised; a mean-teacher step <= 3x a
 supervised step. Numbers from a machine other processes are using are noise.
+
+Contention: ``--contend N`` runs every contender beside N busy single-threaded processes
+(``while True: pass``), the way a shared machine is busy, and writes
+``train_throughput_<setting>_contend<N>.{md,json}`` with each row's images/s against the
+idle run's (``--contend 0``, run first). The plain loops keep their threads fixed, as a
+plain loop does; segrl chooses its threads from the free cores (``segrl/threads.py``).
+
+    python benchmarks/train_throughput.py --setting small --contend 2
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -173,6 +183,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data/camvid")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--contend", type=int, default=0,
+                        help="busy single-threaded processes running beside every contender")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
 
@@ -180,6 +192,24 @@ def main() -> None:
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     rows = []
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+    try:
+        table = run_contenders(args, setting, rows)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    ray.shutdown()
+    print("\n" + table)
+    print(f"\nresults: {args.out_dir}/{results_name(args)}.{{md,json}}")
+
+
+def results_name(args) -> str:
+    return f"train_throughput_{args.setting}" + (f"_contend{args.contend}" if args.contend else "")
+
+
+def run_contenders(args, setting: dict, rows: list[dict]) -> str:
+    table = ""
     with tempfile.TemporaryDirectory() as root:
         for recipe in args.recipes:
             cfg = experiment(setting, recipe, args.threads, 1, root, args.data_root, cache=False)
@@ -200,18 +230,25 @@ def main() -> None:
                 print(f"[throughput] {recipe}: {name}: {rows[-1]['labeled_images_per_s']:.2f} labeled images/s",
                       flush=True)
                 table = write_results(rows, setting, args)  # after every row: a stopped run keeps its rows
-    ray.shutdown()
-    print("\n" + table)
-    print(f"\nresults: {args.out_dir}/train_throughput_{args.setting}.{{md,json}}")
+    return table
+
+
+def idle_rows(args) -> dict[tuple[str, str], dict]:
+    """The idle run's rows by (recipe, contender), when this run is a contended one."""
+    path = Path(args.out_dir) / f"train_throughput_{args.setting}.json"
+    if not args.contend or not path.exists():
+        return {}
+    return {(r["recipe"], r["contender"]): r for r in json.loads(path.read_text())["rows"]}
 
 
 def write_results(rows: list[dict], setting: dict, args) -> str:
-    table = format_table(rows, args)
+    table = format_table(rows, args, idle_rows(args))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_throughput_{args.setting}.md").write_text(table + "\n")
-    (out / f"train_throughput_{args.setting}.json").write_text(json.dumps({
-        "setting": args.setting, **setting, "threads": args.threads, "batch": BATCH, "size": SIZE,
+    (out / f"{results_name(args)}.md").write_text(table + "\n")
+    (out / f"{results_name(args)}.json").write_text(json.dumps({
+        "setting": args.setting, **setting, "threads": args.threads, "contend": args.contend,
+        "batch": BATCH, "size": SIZE,
         "cpus": os.cpu_count(), "load_average": os.getloadavg(),
         "config": to_dict(experiment(setting, args.recipes[0], args.threads, 1, "-", args.data_root)),
         "rows": rows,
@@ -219,20 +256,30 @@ def write_results(rows: list[dict], setting: dict, args) -> str:
     return table
 
 
-def format_table(rows: list[dict], args) -> str:
+def format_table(rows: list[dict], args, idle: dict[tuple[str, str], dict] | None = None) -> str:
+    """The rows as a markdown table; with ``idle`` (a contended run's idle rows) two more
+    columns: the idle images/s and the share of it kept under load."""
+    idle = idle or {}
     reference = {r["recipe"]: r for r in rows if r["contender"].startswith("(a)")}
     supervised = {r["contender"]: r for r in rows if r["recipe"] == "supervised"}
+    load = f", beside {args.contend} busy single-threaded processes" if args.contend else ""
+    extra = " idle images/s | kept under load |" if idle else ""
     lines = [f"Training throughput: LR-ASPP MobileNetV3-Large, CamVid {SIZE[0]}x{SIZE[1]}, batch {BATCH}, "
-             f"{args.threads} CPU threads per contender, setting '{args.setting}' "
+             f"{args.threads} CPU threads per contender, setting '{args.setting}'{load} "
              f"(load average when written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
-             "| recipe | contender | labeled images/s | s/step | ratio to (a) | step vs supervised |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| recipe | contender | labeled images/s | s/step | ratio to (a) | step vs supervised |" + extra,
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if idle else "")]
     for r in rows:
         ratio = r["labeled_images_per_s"] / reference[r["recipe"]]["labeled_images_per_s"]
         base = supervised.get(r["contender"])
         versus = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else "-"
-        lines.append(f"| {r['recipe']} | {r['contender']} | {r['labeled_images_per_s']:.2f} | "
-                     f"{r['seconds_per_step']:.3f} | {ratio:.2f}x | {versus} |")
+        line = (f"| {r['recipe']} | {r['contender']} | {r['labeled_images_per_s']:.2f} | "
+                f"{r['seconds_per_step']:.3f} | {ratio:.2f}x | {versus} |")
+        if idle:
+            before = idle.get((r["recipe"], r["contender"]))
+            line += (f" {before['labeled_images_per_s']:.2f} | "
+                     f"{r['labeled_images_per_s'] / before['labeled_images_per_s']:.0%} |" if before else " - | - |")
+        lines.append(line)
     return "\n".join(lines)
 
 

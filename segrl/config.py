@@ -411,7 +411,10 @@ class ComputeConfig:
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
-    threads_per_worker: int = 0  # torch intra-op threads; 0 = cpus_per_worker rounded up
+    threads_per_worker: int = 0  # torch intra-op threads at most; 0 = the CPUs Ray grants, rounded up
+    # fewer threads while other processes keep the machine's cores busy (segrl/threads.py);
+    # false pins them at the most
+    adapt_threads: bool = True
     max_failures: int = 2  # worker losses survived by restoring the last checkpoint
 
     def validate(self) -> None:

@@ -128,36 +128,33 @@ class BatchStrongView:
 
     def __init__(self, **settings: Any) -> None:
         """``settings`` override :class:`~segrl.data.transforms.StrongAugmentation`'s defaults by name."""
-        aug = replace(StrongAugmentation(), **settings)
-        if not 0.0 <= aug.jitter[3] <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {aug.jitter[3]}")
-        self.jitter, self.jitter_p, self.grayscale_p = aug.jitter, aug.jitter_p, aug.grayscale_p
-        self.blur_p, self.blur_sigma, self.kernel_size = aug.blur_p, aug.blur_sigma, aug.blur_kernel
-        self.cutout_p, self.cutout_scale, self.cutout_ratio = aug.cutout_p, aug.cutout_scale, aug.cutout_ratio
-        self.cutout_value = aug.cutout_value
+        self.aug = replace(StrongAugmentation(), **settings)
+        if not 0.0 <= self.aug.jitter[3] <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {self.aug.jitter[3]}")
 
     def draw(self, n: int, h: int, w: int, generator: torch.Generator | None = None) -> StrongParams:
         """The random parameters of ``n`` images of ``h x w``."""
-        b, c, s, hue = self.jitter
+        aug = self.aug
+        b, c, s, hue = aug.jitter
         factors = torch.stack([_uniform(n, max(0.0, 1 - b), 1 + b, generator),
                                _uniform(n, max(0.0, 1 - c), 1 + c, generator),
                                _uniform(n, max(0.0, 1 - s), 1 + s, generator),
                                _uniform(n, -hue, hue, generator)], dim=1)
-        area = h * w * _uniform(n, *self.cutout_scale, generator)
-        aspect = torch.exp(_uniform(n, math.log(self.cutout_ratio[0]), math.log(self.cutout_ratio[1]), generator))
+        area = h * w * _uniform(n, *aug.cutout_scale, generator)
+        aspect = torch.exp(_uniform(n, math.log(aug.cutout_ratio[0]), math.log(aug.cutout_ratio[1]), generator))
         box_h = (area / aspect).sqrt().round().clamp(1, h).long()
         box_w = (area * aspect).sqrt().round().clamp(1, w).long()
         # a uniform integer offset in [0, size - box] for each image's own box
         top = (torch.rand(n, generator=generator) * (h - box_h + 1)).long().clamp(max=h - box_h)
         left = (torch.rand(n, generator=generator) * (w - box_w + 1)).long().clamp(max=w - box_w)
         return StrongParams(
-            jitter=torch.rand(n, generator=generator) < self.jitter_p,
+            jitter=torch.rand(n, generator=generator) < aug.jitter_p,
             order=torch.rand(n, 4, generator=generator).argsort(dim=1),  # a random permutation each
             factors=factors,
-            grayscale=torch.rand(n, generator=generator) < self.grayscale_p,
-            blur=torch.rand(n, generator=generator) < self.blur_p,
-            sigma=_uniform(n, *self.blur_sigma, generator),
-            cutout=torch.rand(n, generator=generator) < self.cutout_p,
+            grayscale=torch.rand(n, generator=generator) < aug.grayscale_p,
+            blur=torch.rand(n, generator=generator) < aug.blur_p,
+            sigma=_uniform(n, *aug.blur_sigma, generator),
+            cutout=torch.rand(n, generator=generator) < aug.cutout_p,
             box=torch.stack([top, left, box_h, box_w], dim=1),
         )
 
@@ -174,10 +171,10 @@ class BatchStrongView:
                                    lambda sub, idx, k=kind, f=adjust: f(sub, params.factors[idx, k]))
         image = _on_subset(image, params.grayscale, lambda sub, idx: F.rgb_to_grayscale(sub, 3))
         image = _on_subset(image, params.blur,
-                           lambda sub, idx: gaussian_blur(sub, self.kernel_size, params.sigma[idx]))
+                           lambda sub, idx: gaussian_blur(sub, self.aug.blur_kernel, params.sigma[idx]))
         image = normalize(image)
         cut = box_masks(params.box, params.cutout, image.shape[-2], image.shape[-1], image.device)
-        return image.masked_fill_(cut.unsqueeze(1), self.cutout_value).contiguous(), cut
+        return image.masked_fill_(cut.unsqueeze(1), self.aug.cutout_value).contiguous(), cut
 
 
 def _on_subset(image: torch.Tensor, chosen: torch.Tensor, step) -> torch.Tensor:

@@ -31,6 +31,9 @@ def classmix(
     bool, True where a pixel came from ``a``. Ignored pixels of ``a`` are never pasted
     (even if ``ignore_index`` is listed), so ``b``'s ignored pixels stay ignored unless
     covered by a real labeled pixel of ``a``.
+
+    segrl's recipes mix whole batches on their device (:func:`batch_mix_masks`); this
+    one-pair form is for pipelines that mix in a DataLoader.
     """
     classes = torch.as_tensor(classes, dtype=mask_a.dtype, device=mask_a.device)
     paste = torch.isin(mask_a, classes) & (mask_a != ignore_index)
@@ -69,7 +72,8 @@ def sample_mix_classes(
     ``probabilities[c]`` (``C``, e.g. from :func:`balanced_class_probabilities`).
 
     ``k`` defaults to half of the present classes, at least one (ClassMix's rule).
-    Returns a 1-D int64 tensor, empty when no class is present.
+    Returns a 1-D int64 tensor, empty when no class is present. The one-image form of
+    :func:`batch_mix_masks`' draw, which its tests compare against.
     """
     present = present_classes.flatten().long().cpu()
     if present.numel() == 0:

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from segrl.data.labels import DataError
+from segrl.storage import DEFAULT_RETRY_SECONDS, filesystem_for, read_uri_bytes
 
 ID_COLUMN = "id"
 IMAGE_COLUMN = "image_uri"
@@ -60,8 +61,6 @@ def _filesystem(uri: str, endpoint_url: str | None) -> tuple[pafs.FileSystem, st
     """(filesystem, path) for a local path or any URI segrl.storage understands."""
     if is_local(uri):
         return pafs.LocalFileSystem(), local_path(uri)
-    from segrl.storage import filesystem_for  # lazy: storage is optional for local data
-
     return filesystem_for(uri, endpoint_url)
 
 
@@ -82,10 +81,10 @@ def resolve_uri(base: str, uri: str) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None, retry_seconds: float | None = None) -> bytes:
+def read_bytes(uri: str, endpoint_url: str | None = None, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> bytes:
     """Bytes of a local file or remote object; a missing/unreadable one is a ``DataError``.
 
-    An unreachable S3 endpoint is tried again for ``retry_seconds`` (None: the store's default).
+    An unreachable S3 endpoint is tried again for ``retry_seconds`` (``store.retry_seconds``).
     """
     if is_local(uri):
         path = local_path(uri)
@@ -94,10 +93,8 @@ def read_bytes(uri: str, endpoint_url: str | None = None, retry_seconds: float |
                 return f.read()
         except OSError as exc:
             raise DataError(f"cannot read file {path}: {exc.strerror or exc}") from exc
-    from segrl.storage import read_uri_bytes as _read
-
     try:
-        return _read(uri, endpoint_url) if retry_seconds is None else _read(uri, endpoint_url, retry_seconds)
+        return read_uri_bytes(uri, endpoint_url, retry_seconds)
     except DataError:
         raise
     except Exception as exc:  # storage errors vary by backend; name the object either way

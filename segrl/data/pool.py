@@ -37,6 +37,7 @@ from segrl.data.manifest import (
     read_bytes,
     resolve_uri,
 )
+from segrl.storage import DEFAULT_RETRY_SECONDS
 
 SYNTHETIC_SCHEME = "synthetic://"
 POOL_SPLIT = "pool"
@@ -307,11 +308,11 @@ def decode_pool_image(data: bytes, uri: str) -> np.ndarray:
 
 def load_pool_frame(
     uri: str, endpoint_url: str | None = None, size: tuple[int, int] | None = None,
-    retry_seconds: float | None = None,
+    retry_seconds: float = DEFAULT_RETRY_SECONDS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """(frame, its own (H, W)) of a pool frame at any URI, decoded no smaller than ``size``
     but no larger than it needs to be (see :func:`decode_pool_frame`); an unreachable S3
-    endpoint is tried again for ``retry_seconds`` (None: the store's default)."""
+    endpoint is tried again for ``retry_seconds`` (``store.retry_seconds``)."""
     if not uri:
         raise DataError("row has an empty image_uri")
     if uri.startswith(SYNTHETIC_SCHEME):

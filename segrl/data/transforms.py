@@ -310,7 +310,9 @@ class StrongAugmentation:
 def strong_transform(**settings: Any) -> StrongView:
     """Strong view for a final weak sample: returns ``{"image": strong 3xHxW, "mask": HxW}``
     with the cutout box set to the ignore index (other keys copied). ``settings`` override
-    :class:`StrongAugmentation`'s defaults by name."""
+    :class:`StrongAugmentation`'s defaults by name. One sample at a time, for DataLoader
+    pipelines; segrl's recipes use the batched ``BatchStrongView`` on the training device,
+    which is tested to draw the same."""
     aug = replace(StrongAugmentation(), **settings)
     photometric = v2.Compose(
         [

@@ -37,7 +37,8 @@ from segrl.data.pool import (
     largest_frame_decode_bytes,
     load_pool_frame,
 )
-from segrl.storage import ArtifactStore, open_store
+from segrl.storage import DEFAULT_RETRY_SECONDS, ArtifactStore, open_store
+from segrl.threads import ThreadGovernor
 
 WORK = "_work"
 SUMMARY = "score_summary.json"
@@ -64,7 +65,7 @@ class ScoreSummary:
 
 
 def decode_frames(
-    batch: pa.Table, size: tuple[int, int], endpoint_url: str | None, retry_seconds: float | None = None
+    batch: pa.Table, size: tuple[int, int], endpoint_url: str | None, retry_seconds: float = DEFAULT_RETRY_SECONDS
 ) -> dict[str, Any]:
     """Fetch, decode and resize a batch of pool rows; unreadable frames become error rows (an
     unreachable S3 endpoint after ``retry_seconds`` of tries too, the way the store retries).
@@ -123,9 +124,12 @@ class ScoreActor:
         info_obj = CheckpointInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.items()})
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = open_store(cfg.out, cfg.store.endpoint_url or None) if (cfg.pseudo_labels) else None
-        self.scorer = PoolScorer(cfg, info_obj, device, threads, frozenset(pseudo_ids), out)
+        # at most the CPUs the actor was granted, fewer while the machine is busy elsewhere
+        self.threads = ThreadGovernor(threads, torch.set_num_threads)
+        self.scorer = PoolScorer(cfg, info_obj, device, 0, frozenset(pseudo_ids), out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.threads.step()
         batch = {**batch, "error": self._pseudo_label_errors(batch["id"], batch["error"])}
         ok = batch["error"] == ""
         n = len(ok)

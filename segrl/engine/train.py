@@ -46,6 +46,7 @@ from segrl.console import (
     verbose,
 )
 from segrl.storage import ArtifactStore, open_store
+from segrl.threads import ThreadGovernor, granted_threads
 from segrl.training import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
@@ -83,9 +84,9 @@ LOCAL_CLUSTER_ENV = {
 # default on macOS and Windows) the node's address is 127.0.0.1 and they listen there only;
 # such a cluster takes no other nodes, which a cluster of this machine alone never needs.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# An epoch's history keys that depend on the clock, not on what was learned: a resumed or
-# disturbed run equals an undisturbed one in every other key.
-CLOCK_KEYS = ("images_per_s", "eval_s", "previous_checkpoint_s")
+# An epoch's history keys that depend on the clock and the machine's load, not on what was
+# learned: a resumed or disturbed run equals an undisturbed one in every other key.
+CLOCK_KEYS = ("images_per_s", "eval_s", "previous_checkpoint_s", "threads")
 
 
 def without_clock(history: list[dict]) -> list[dict]:
@@ -96,7 +97,7 @@ def without_clock(history: list[dict]) -> list[dict]:
 # store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
 # data.cache_bytes and store.retry_seconds change speed and patience, not results
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
-                     "store.root", "data.cache_bytes", "store.retry_seconds")
+                     "store.root", "data.cache_bytes", "store.retry_seconds", "compute.adapt_threads")
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.compute.threads_per_worker or max(1, math.ceil(cfg.compute.cpus_per_worker)))
+    granted = ray.get_runtime_context().get_assigned_resources().get("CPU", cfg.compute.cpus_per_worker)
+    threads = ThreadGovernor(granted_threads(cfg.compute.threads_per_worker, granted), torch.set_num_threads,
+                             cfg.compute.adapt_threads)
     torch.manual_seed(tcfg.seed + rank)
     endpoint = cfg.store.endpoint_url
 
@@ -520,6 +523,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             # the recipe's clocks (cold start, EMA warm-up) run on across continued runs
             losses = recipe_step(ctx, recipe, batch, batch_u, offsets["epoch"] + epoch)
             recipe.after_step(model, offsets["step"] + step)
+            threads.step()
             progress.add(losses, batch["image"].shape[0])
             step += 1
             if snapshots is not None and step in snapshot_steps:
@@ -540,6 +544,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             # the images of this attempt only: a restored epoch's earlier ones took no time here
             "images_per_s": (progress.images - progress.images_before) * world / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
+            "threads": threads.threads,
             **{name: progress.mean(name) for name in progress.sums if name != "loss"},
         }
         progress = EpochProgress()

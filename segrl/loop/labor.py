@@ -24,7 +24,7 @@ from segrl.engine.score import decode_frames
 from segrl.labeling import encode_label_png
 from segrl.loop.select import LabeledPixels, labor_images, pool_areas
 from segrl.scoring import PoolScorer, inspect_checkpoints
-from segrl.storage import ArtifactStore
+from segrl.storage import DEFAULT_RETRY_SECONDS, ArtifactStore
 
 CHUNK = 16
 
@@ -77,12 +77,12 @@ def labor_rows(
 
 
 def chosen_frames(pool: pa.Table, chosen: np.ndarray, image_size: tuple[int, int], endpoint: str | None,
-                  decode: bool = True, retry_seconds: float | None = None,
+                  decode: bool = True, retry_seconds: float = DEFAULT_RETRY_SECONDS,
                   ) -> Iterator[tuple[list[str], dict, np.ndarray | None]]:
     """(ids, id -> (uri, height, width), frames N x H x W x 3 uint8 at ``image_size``) of
     pool rows ``chosen``, CHUNK images at a time, so only as many images are decoded as a
     caller consumes and the driver holds one chunk of frames. ``decode=False``: frames None.
-    An unreachable S3 endpoint is tried again for ``retry_seconds`` (None: the store's default)."""
+    An unreachable S3 endpoint is tried again for ``retry_seconds`` (``store.retry_seconds``)."""
     for start in range(0, len(chosen), CHUNK):
         rows_part = pa.array(chosen[start : start + CHUNK], pa.int64())
         part = pool.column("id").take(rows_part).to_pylist()

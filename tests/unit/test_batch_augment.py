@@ -56,7 +56,7 @@ def test_each_image_gets_what_torchvision_gives_it_with_its_own_parameters():
         assert 0 < int(flags.sum()) < 12
     strong, cut = view.apply(images, params)
     for i in range(12):
-        expected = per_image_reference(images[i], params, i, view.kernel_size, -1.5)
+        expected = per_image_reference(images[i], params, i, view.aug.blur_kernel, -1.5)
         torch.testing.assert_close(strong[i], expected, atol=2e-5, rtol=0)
 
 

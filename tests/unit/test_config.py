@@ -13,6 +13,7 @@ from segrl.config import (
     ConfigError,
     ExperimentConfig,
     ScoreConfig,
+    StoreConfig,
     apply_overrides,
     config_from_dict,
     from_dict,
@@ -208,3 +209,10 @@ def test_annotation_tools_and_image_urls_are_checked_by_name():
         load_config(overrides=["annotation.tools=[label_studio]"])
     with pytest.raises(ConfigError, match="annotation.url_prefix"):
         load_config(overrides=["annotation.image_urls=prefix"])
+
+
+def test_store_retry_seconds_defaults_to_the_stores_own_default():
+    from segrl.storage import DEFAULT_RETRY_SECONDS
+
+    # one patience everywhere: a frame read without a config waits as long as a configured store
+    assert StoreConfig().retry_seconds == DEFAULT_RETRY_SECONDS

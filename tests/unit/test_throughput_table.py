@@ -1,0 +1,47 @@
+"""benchmarks/train_throughput.py's table: ratios to the plain loop, and what a contended run kept."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def tp():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(contender, images_per_s, recipe="supervised"):
+    return {"recipe": recipe, "contender": contender, "steps": 10, "seconds": 80.0 / images_per_s,
+            "labeled_images_per_s": images_per_s, "seconds_per_step": 8.0 / images_per_s}
+
+
+def test_ratios_are_against_the_plain_loop_and_steps_against_supervised(tp):
+    rows = [row("(a) plain", 20.0), row("(c) segrl", 18.0), row("(a) plain", 10.0, "mean_teacher"),
+            row("(c) segrl", 6.0, "mean_teacher")]
+    table = tp.format_table(rows, Namespace(threads=2, setting="small", contend=0))
+    assert "| supervised | (c) segrl | 18.00 | 0.444 | 0.90x | 1.00x |" in table
+    # a mean-teacher step of (c): 8/6 s against 8/18 s supervised = 3x
+    assert "| mean_teacher | (c) segrl | 6.00 | 1.333 | 0.60x | 3.00x |" in table
+    assert "kept under load" not in table
+
+
+def test_a_contended_run_shows_the_idle_rows_and_the_share_kept(tp, tmp_path):
+    args = Namespace(threads=2, setting="small", contend=2, out_dir=str(tmp_path))
+    assert tp.idle_rows(args) == {}  # no idle run yet: no comparison
+    (tmp_path / "train_throughput_small.json").write_text(json.dumps(
+        {"rows": [row("(a) plain", 20.0), row("(c) segrl", 18.0)]}))
+    table = tp.format_table([row("(a) plain", 5.0), row("(c) segrl", 9.0)], args, tp.idle_rows(args))
+    assert "beside 2 busy single-threaded processes" in table
+    assert "| supervised | (a) plain | 5.00 | 1.600 | 1.00x | 1.00x | 20.00 | 25% |" in table
+    assert "| supervised | (c) segrl | 9.00 | 0.889 | 1.80x | 1.00x | 18.00 | 50% |" in table
+    assert tp.results_name(args) == "train_throughput_small_contend2"
