@@ -46,6 +46,7 @@ from segrl.config import load_config, to_dict
 from segrl.data.batch_augment import batch_weak_views
 from segrl.data.build import build_training_sets
 from segrl.data.cache import cache_frames
+from segrl.engine.train import LOCAL_CLUSTER_ENV
 from segrl.methods.recipes import build_recipe
 from segrl.models import build_model
 from segrl.training import (
@@ -190,6 +191,8 @@ def main() -> None:
 
     import ray
 
+    for name, value in LOCAL_CLUSTER_ENV.items():  # the settings of the local cluster segrl starts
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     rows = []
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
@@ -250,7 +253,7 @@ def write_results(rows: list[dict], setting: dict, args) -> str:
         "setting": args.setting, **setting, "threads": args.threads, "contend": args.contend,
         "batch": BATCH, "size": SIZE,
         "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-        "config": to_dict(experiment(setting, args.recipes[0], args.threads, 1, "-", args.data_root)),
+        "config": to_dict(experiment(setting, args.recipes[0], args.threads, 1, "<temporary folder>", args.data_root)),
         "rows": rows,
     }, indent=2))
     return table

@@ -259,12 +259,14 @@ log "SeaweedFS S3 starting on $ENDPOINT (pid $(<"$WEED_PID_FILE"))"
 # its PID (`ray stop` would stop every Ray cluster of this user on the machine). Its jobs
 # inherit this environment: token auth, the S3 endpoint and keys, and the Ray Train settings
 # of segrl's own local cluster (LOCAL_CLUSTER_ENV in segrl/engine/train.py: the controller polls
-# its workers every 0.5 s, not 2 s, and no preemption watcher actor starts per run, as no node of
-# this machine is ever drained), unless this shell sets them.
+# its workers every 0.5 s, not 2 s, no preemption watcher actor starts per run, as no node of
+# this machine is ever drained, and workers run at niceness 0, not Ray's 15, so that other busy
+# processes do not take all of their CPU), unless this shell sets them.
 env -u RAY_ADDRESS -u RAY_AUTH_TOKEN -u AWS_SESSION_TOKEN -u AWS_ENDPOINT_URL_S3 \
     RAY_AUTH_MODE=token \
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}" \
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}" \
+    RAY_worker_niceness="${RAY_worker_niceness:-0}" \
     RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
     RAY_USAGE_STATS_ENABLED=0 \

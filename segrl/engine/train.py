@@ -73,10 +73,15 @@ STEPS_EPOCHS = 5  # epochs of a train.steps run, when the labeled set is small
 # - the controller advances one state per health check (2 s by default), which costs a short
 #   loop round several seconds per training run;
 # - the preemption watcher (one more actor process per run) waits for cloud nodes to be
-#   drained, which a single machine never is.
+#   drained, which a single machine never is;
+# - Ray runs its worker processes at niceness 15, so any ordinary busy process on the machine
+#   takes their cores: beside two busy single-threaded processes on 2 cores, a Ray Train worker
+#   group took 257 s to start and the quick start trained at 1.2 images/s (40 idle). At 0 the
+#   training worker gets its fair share, and segrl/threads.py sizes its threads to that share.
 LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_worker_niceness": "0",
 }
 # Ray turns a node address of 127.0.0.1 (ray.init(_node_ip_address=...), ray start
 # --node-ip-address) into the machine's outward address, and its GCS, raylet, workers and

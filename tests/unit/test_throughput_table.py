@@ -45,3 +45,13 @@ def test_a_contended_run_shows_the_idle_rows_and_the_share_kept(tp, tmp_path):
     assert "| supervised | (a) plain | 5.00 | 1.600 | 1.00x | 1.00x | 20.00 | 25% |" in table
     assert "| supervised | (c) segrl | 9.00 | 0.889 | 1.80x | 1.00x | 18.00 | 50% |" in table
     assert tp.results_name(args) == "train_throughput_small_contend2"
+
+
+def test_results_are_written_with_the_run_config(tp, tmp_path):
+    args = Namespace(threads=2, setting="small", contend=0, out_dir=str(tmp_path), recipes=["supervised"],
+                     data_root="../shared/data/camvid")
+    tp.write_results([row("(a) plain", 20.0)], tp.SETTINGS["small"], args)
+    written = json.loads((tmp_path / "train_throughput_small.json").read_text())
+    assert written["rows"][0]["labeled_images_per_s"] == 20.0
+    assert written["config"]["compute"]["threads_per_worker"] == 2
+    assert (tmp_path / "train_throughput_small.md").read_text().startswith("Training throughput")
