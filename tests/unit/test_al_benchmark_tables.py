@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "al_camvid.py"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def al():
-    spec = importlib.util.spec_from_file_location("al_camvid", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("al_camvid")
 
 
 def point_row(al, row, seed, *mious, recipe="supervised"):
