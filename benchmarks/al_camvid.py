@@ -119,21 +119,33 @@ def row_key(row: str, recipe: str, seed: int) -> str:
     return f"{row}/{recipe}/s{seed}"
 
 
-def run_row(base: list[str], row: str, recipe: str, seed: int) -> dict:
+def run_row(base: list[str], row: str, recipe: str, seed: int, steps: int) -> dict:
     from segrl.config import load_config
     from segrl.loop.run import run_loop
 
     started = time.perf_counter()
-    name = row_key(row, recipe, seed).replace("/", "_").replace("@", "_")
+    # the steps in the run's name: a loop run of another setting's steps (which segrl would
+    # resume, a finished round as it was) is never taken for this one
+    name = row_key(row, recipe, seed).replace("/", "_").replace("@", "_") + f"_steps{steps}"
     cfg = load_config(overrides=[*base, f"name=al_{name}", *ROWS[row], *RECIPES[recipe],
                                  f"al.seed={seed}", f"train.seed={seed}"])
     summary = run_loop(cfg)
     if summary.status != "finished":
         raise RuntimeError(f"row {row} ended with status {summary.status}: {summary.message}")
+    check_equal_steps(row, summary.run_uri, summary.rounds, steps)
     rounds = [{k: r[k] for k in ("round", "labeled_images", "labeled_pixels", "clicks", "labeled_share",
                                  "val_miou", "val_iou_per_class")} for r in summary.rounds]
     return {"row": row, "recipe": recipe, "seed": seed, "rounds": rounds,
             "seconds": time.perf_counter() - started, "run": summary.run_uri}
+
+
+def check_equal_steps(row: str, run_uri: str, rounds: list[dict], steps: int) -> None:
+    """Every round of a row trained exactly the setting's ``steps``, else a RuntimeError
+    naming the run and the round: a row of unequal steps is not comparable."""
+    for r in rounds:
+        if r.get("steps") != steps:
+            raise RuntimeError(f"row {row} ({run_uri}): round {r['round']} trained {r.get('steps')} steps, "
+                               f"not the setting's {steps}; rows must have equal steps")
 
 
 def run_reference(base: list[str], steps: int, seed: int) -> dict:
@@ -194,7 +206,7 @@ def main() -> None:
         key = row_key(row, recipe, seed)
         if key in results:
             continue  # finished rows are not rerun
-        results[key] = run_row(base, row, recipe, seed)
+        results[key] = run_row(base, row, recipe, seed, setting["steps"])
         save(out, tag, setting, reference, results)
     save(out, tag, setting, reference, results)
     print(out.with_suffix(".md").read_text())

@@ -550,6 +550,8 @@ class ActiveLearningLoop:
                 "round": r, "labeled_images": images, "labeled_pixels": labeled_pixels, "clicks": clicks,
                 "labeled_share": labeled_pixels / pool_pixels if pool_pixels else 0.0,
                 "val_miou": metrics.get("val_miou"), "val_iou_per_class": metrics.get("val_iou_per_class"),
+                # the optimiser steps the round's model had when it finished training
+                "steps": log[f"{r:02d}/train"].get("steps"),
                 "seconds": {step: log[f"{r:02d}/{step}"]["seconds"] for step in ("select", "label", "train", "score")
                             if f"{r:02d}/{step}" in log},
             }

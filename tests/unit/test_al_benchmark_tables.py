@@ -71,3 +71,11 @@ def test_a_small_gain_within_two_miou_is_missed_at_few_clicks(al):
     text = "\n".join(al.target_lines(al.budget_groups(results), ref, results))
     assert "best active row pixelpick_points 31.00 vs random_points 30.00: +1.00 mIoU, needed > 2.00: MISSED" in text
     assert "at <= 20 clicks/img, best row >= 95% of full: MISSED" in text
+
+
+def test_a_row_whose_rounds_trained_other_steps_is_refused(al):
+    al.check_equal_steps("random_points@20", "runs/x", [{"round": 0, "steps": 2000}], 2000)
+    # a finished loop of an older setting (1000 steps), resumed under a name without the steps
+    with pytest.raises(RuntimeError, match=r"runs/x\): round 1 trained 1000 steps, not the setting's 2000"):
+        al.check_equal_steps("pixelpick_points@20", "runs/x",
+                             [{"round": 0, "steps": 2000}, {"round": 1, "steps": 1000}], 2000)
