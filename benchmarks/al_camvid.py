@@ -134,7 +134,7 @@ def run_row(base: list[str], row: str, recipe: str, seed: int, steps: int) -> di
         raise RuntimeError(f"row {row} ended with status {summary.status}: {summary.message}")
     check_equal_steps(row, summary.run_uri, summary.rounds, steps)
     rounds = [{k: r[k] for k in ("round", "labeled_images", "labeled_pixels", "clicks", "labeled_share",
-                                 "val_miou", "val_iou_per_class")} for r in summary.rounds]
+                                 "val_miou", "val_iou_per_class", "steps")} for r in summary.rounds]
     return {"row": row, "recipe": recipe, "seed": seed, "rounds": rounds,
             "seconds": time.perf_counter() - started, "run": summary.run_uri}
 
