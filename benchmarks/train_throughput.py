@@ -46,7 +46,7 @@ from segrl.config import load_config, to_dict
 from segrl.data.batch_augment import batch_weak_views
 from segrl.data.build import build_training_sets
 from segrl.data.cache import cache_frames
-from segrl.engine.train import LOCAL_CLUSTER_ENV
+from segrl.engine.train import use_local_cluster_env
 from segrl.methods.recipes import build_recipe
 from segrl.models import build_model
 from segrl.training import (
@@ -191,8 +191,7 @@ def main() -> None:
 
     import ray
 
-    for name, value in LOCAL_CLUSTER_ENV.items():  # the settings of the local cluster segrl starts
-        os.environ.setdefault(name, value)
+    use_local_cluster_env()  # the settings of the local cluster segrl starts
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     rows = []
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
@@ -204,11 +203,12 @@ def main() -> None:
             process.wait()
     ray.shutdown()
     print("\n" + table)
-    print(f"\nresults: {args.out_dir}/{results_name(args)}.{{md,json}}")
+    print(f"\nresults: {args.out_dir}/{results_name(args.setting, args.contend)}.{{md,json}}")
 
 
-def results_name(args) -> str:
-    return f"train_throughput_{args.setting}" + (f"_contend{args.contend}" if args.contend else "")
+def results_name(setting: str, contend: int = 0) -> str:
+    """The results' file name (no suffix) of a run of ``setting`` beside ``contend`` busy processes."""
+    return f"train_throughput_{setting}" + (f"_contend{contend}" if contend else "")
 
 
 def run_contenders(args, setting: dict, rows: list[dict]) -> str:
@@ -238,7 +238,7 @@ def run_contenders(args, setting: dict, rows: list[dict]) -> str:
 
 def idle_rows(args) -> dict[tuple[str, str], dict]:
     """The idle run's rows by (recipe, contender), when this run is a contended one."""
-    path = Path(args.out_dir) / f"train_throughput_{args.setting}.json"
+    path = Path(args.out_dir) / f"{results_name(args.setting)}.json"
     if not args.contend or not path.exists():
         return {}
     return {(r["recipe"], r["contender"]): r for r in json.loads(path.read_text())["rows"]}
@@ -248,8 +248,8 @@ def write_results(rows: list[dict], setting: dict, args) -> str:
     table = format_table(rows, args, idle_rows(args))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{results_name(args)}.md").write_text(table + "\n")
-    (out / f"{results_name(args)}.json").write_text(json.dumps({
+    (out / f"{results_name(args.setting, args.contend)}.md").write_text(table + "\n")
+    (out / f"{results_name(args.setting, args.contend)}.json").write_text(json.dumps({
         "setting": args.setting, **setting, "threads": args.threads, "contend": args.contend,
         "batch": BATCH, "size": SIZE,
         "cpus": os.cpu_count(), "load_average": os.getloadavg(),

@@ -110,14 +110,11 @@ class PoolScorer:
         cfg: ScoreConfig,
         info: CheckpointInfo,
         device: str | torch.device = "cpu",
-        threads: int = 0,
         pseudo_ids: frozenset[str] | None = None,
         out_store: ArtifactStore | None = None,
     ) -> None:
         from segrl.models import build_model
 
-        if threads:
-            torch.set_num_threads(threads)
         self.cfg, self.info = cfg, info
         self.device = torch.device(device)
         self.num_classes = len(info.classes)

@@ -126,7 +126,7 @@ class ScoreActor:
         out = open_store(cfg.out, cfg.store.endpoint_url or None) if (cfg.pseudo_labels) else None
         # at most the CPUs the actor was granted, fewer while the machine is busy elsewhere
         self.threads = ThreadGovernor(threads, torch.set_num_threads)
-        self.scorer = PoolScorer(cfg, info_obj, device, 0, frozenset(pseudo_ids), out)
+        self.scorer = PoolScorer(cfg, info_obj, device, frozenset(pseudo_ids), out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.threads.step()

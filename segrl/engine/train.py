@@ -119,6 +119,13 @@ def run_store(cfg: ExperimentConfig) -> ArtifactStore:
     return store.child(cfg.run_name)
 
 
+def use_local_cluster_env() -> None:
+    """:data:`LOCAL_CLUSTER_ENV` in this process's environment, where not set already, so that
+    every process of a local cluster started from here inherits it."""
+    for name, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def ensure_ray(compute: ComputeConfig) -> None:
     """Connect to the configured cluster, or start a local one, once per process."""
     import ray
@@ -129,8 +136,7 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # `ray job submit` sets RAY_ADDRESS for the driver, which then joins its cluster.
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        for name, value in LOCAL_CLUSTER_ENV.items():  # the processes of the new cluster inherit them
-            os.environ.setdefault(name, value)
+        use_local_cluster_env()
     if address == "local" or is_loopback_address(address):
         # a driver joining a cluster on 127.0.0.1 (cluster/local_up.sh's) must take that
         # address too: Ray would otherwise look for the GCS at the machine's outward address

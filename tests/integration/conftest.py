@@ -8,18 +8,17 @@ several seconds of both cores here. A module that needs a cluster of another sha
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from segrl.engine.train import LOCAL_CLUSTER_ENV, listen_on_loopback_only
+from segrl.engine.train import listen_on_loopback_only, use_local_cluster_env
 
-# segrl's settings for a local cluster (faster health checks, no preemption watcher), set
-# before any cluster of the tests starts so that all of its processes inherit them.
-for _name, _value in LOCAL_CLUSTER_ENV.items():
-    os.environ.setdefault(_name, _value)
+# segrl's settings for a local cluster (faster health checks, no preemption watcher, workers
+# at niceness 0), set before any cluster of the tests starts so that all of its processes
+# inherit them.
+use_local_cluster_env()
 
 
 def free_port() -> int:

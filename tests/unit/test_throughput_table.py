@@ -38,7 +38,7 @@ def test_a_contended_run_shows_the_idle_rows_and_the_share_kept(tp, tmp_path):
     assert "beside 2 busy single-threaded processes" in table
     assert "| supervised | (a) plain | 5.00 | 1.600 | 1.00x | 1.00x | 20.00 | 25% |" in table
     assert "| supervised | (c) segrl | 9.00 | 0.889 | 1.80x | 1.00x | 18.00 | 50% |" in table
-    assert tp.results_name(args) == "train_throughput_small_contend2"
+    assert tp.results_name(args.setting, args.contend) == "train_throughput_small_contend2"
 
 
 def test_results_are_written_with_the_run_config(tp, tmp_path):
