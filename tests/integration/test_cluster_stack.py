@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,11 @@ def exports_to_env(exports: str, base: dict[str, str]) -> dict[str, str]:
 def stack(tmp_path_factory):
     """One local stack for the module: starting and stopping it costs seconds of both cores."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    # this interpreter's environment, activated or not: local_up.sh, `ray` and the job use it
+    bin_dir = os.path.dirname(sys.executable)
     base.update(SEGRL_STACK_DIR=str(tmp_path_factory.mktemp("stack")), SEGRL_STACK_CPUS="2",
-                SEGRL_STACK_BUCKET="segrl-ci")
+                SEGRL_STACK_BUCKET="segrl-ci", PYTHON=sys.executable,
+                PATH=os.pathsep.join([bin_dir, base.get("PATH", "")]))
     up = subprocess.run(["bash", "cluster/local_up.sh"], cwd=REPO, env=base, capture_output=True,
                         text=True, timeout=300)
     assert up.returncode == 0, f"local_up.sh failed:\n{up.stderr[-3000:]}"
