@@ -60,12 +60,13 @@ def ray_init_kwargs() -> dict:
     return {"logging_level": ray_log_level(), "log_to_driver": True}
 
 
-def init_ray_quietly(address: str) -> None:
-    """``ray.init(address)`` with the driver's console set up as this module describes."""
+def init_ray_quietly(address: str, **init_kwargs) -> None:
+    """``ray.init(address, **init_kwargs)`` with the driver's console set up as this module
+    describes."""
     import ray
 
     hide_harmless_warnings()
-    ray.init(address=address, **ray_init_kwargs())
+    ray.init(address=address, **ray_init_kwargs(), **init_kwargs)
     quiet_ray_data()
 
 

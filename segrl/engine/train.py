@@ -22,6 +22,7 @@ import ipaddress
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -135,13 +136,31 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # "local" starts a fresh cluster rather than joining whichever one happens to run here;
     # `ray job submit` sets RAY_ADDRESS for the driver, which then joins its cluster.
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    init_kwargs = {}
     if address == "local":
         use_local_cluster_env()
+        init_kwargs["dashboard_port"] = name_own_dashboard()
     if address == "local" or is_loopback_address(address):
         # a driver joining a cluster on 127.0.0.1 (cluster/local_up.sh's) must take that
         # address too: Ray would otherwise look for the GCS at the machine's outward address
         listen_on_loopback_only()
-    init_ray_quietly(address)
+    init_ray_quietly(address, **init_kwargs)
+
+
+def name_own_dashboard() -> int:
+    """A free port for the local cluster's dashboard, named in ``RAY_API_SERVER_ADDRESS`` for
+    every process of that cluster; returns the port.
+
+    Ray Train's placement-group cleaner asks the state API whether the run's controller is
+    alive, and without an address it looks for "the" Ray instance of the machine: beside
+    another cluster (a second job, a benchmark) it finds two, and its thread dies printing a
+    ConnectionError traceback into every training run's console.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def is_loopback_address(address: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -363,3 +364,17 @@ def test_without_clock_drops_only_the_values_that_depend_on_the_clock():
                 "val_miou": 0.4}]
     assert without_clock(history) == [{"epoch": 1, "loss": 0.5, "val_miou": 0.4}]
     assert history[0]["eval_s"] == 0.3  # the input is not modified
+
+
+def test_a_local_cluster_names_its_own_dashboard_for_the_state_api(monkeypatch):
+    """Every process of the local cluster (Ray Train's placement-group cleaner among them) asks
+    the state API at this address instead of looking for "the" Ray instance of the machine."""
+    import socket
+
+    from segrl.engine.train import name_own_dashboard
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    port = name_own_dashboard()
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    with socket.socket() as server:  # the port is free for the dashboard to take
+        server.bind(("127.0.0.1", port))
