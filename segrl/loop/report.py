@@ -8,11 +8,12 @@ from typing import Any
 
 
 def rounds_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per round with labels so far, val mIoU and time per step."""
+    """Markdown: one line per round with labels so far, val mIoU, the model's training steps and
+    time per step."""
     lines = [
         "| round | labeled images | labeled pixels | labeled share % | clicks | val mIoU % | "
-        "select s | label s | train s | score s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "train steps | select s | label s | train s | score s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         seconds = row.get("seconds", {})
@@ -21,6 +22,8 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['round']} | {row['labeled_images']} | {row['labeled_pixels']} | "
             f"{100 * row['labeled_share']:.3f} | {row.get('clicks', 0)} | "
             f"{'-' if miou is None else f'{100 * miou:.2f}'} | "
+            # the optimiser steps of the round's model: rounds of one loop compare only at equal steps
+            f"{row.get('steps') if row.get('steps') is not None else '-'} | "
             + " | ".join(f"{seconds[k]:.1f}" if k in seconds else "-" for k in ("select", "label", "train", "score"))
             + " |"
         )

@@ -85,12 +85,12 @@ def test_budget_unit_clicks_is_for_points_only():
 
 def test_report_table_and_plot():
     rows = [{"round": 0, "labeled_images": 4, "labeled_pixels": 400, "labeled_share": 0.04, "clicks": 0,
-             "val_miou": 0.25, "seconds": {"select": 0.1, "label": 0.2, "train": 30.0, "score": 5.0}},
+             "val_miou": 0.25, "steps": 120, "seconds": {"select": 0.1, "label": 0.2, "train": 30.0, "score": 5.0}},
             {"round": 1, "labeled_images": 6, "labeled_pixels": 600, "labeled_share": 0.06, "clicks": 0,
              "val_miou": 0.3, "seconds": {"select": 0.1, "label": 0.2, "train": 31.0}}]
     table = rounds_table(rows)
-    assert "| 0 | 4 | 400 | 4.000 | 0 | 25.00 | 0.1 | 0.2 | 30.0 | 5.0 |" in table
-    assert table.splitlines()[-1].endswith("| 31.0 | - |")
+    assert "| 0 | 4 | 400 | 4.000 | 0 | 25.00 | 120 | 0.1 | 0.2 | 30.0 | 5.0 |" in table
+    assert table.splitlines()[-1].endswith("| 30.00 | - | 0.1 | 0.2 | 31.0 | - |")  # steps unknown
     assert miou_plot_png(rows, "t")[:4] == b"\x89PNG"
 
 
