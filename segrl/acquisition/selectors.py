@@ -8,7 +8,7 @@ an explicit seed and is independent of the input row order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -92,6 +92,56 @@ def _greedy_fit(order: np.ndarray, costs: np.ndarray, budget: int) -> np.ndarray
         remaining -= int(cost[:n].sum())
         pos, cost = pos[n + 1 :], cost[n + 1 :]
     return np.concatenate(taken) if taken else np.empty(0, dtype=np.int64)
+
+
+def greedy_fit_chunks(chunks: Iterable[np.ndarray], costs: np.ndarray, budget: int,
+                      cheapest: int = 1) -> np.ndarray:
+    """:func:`_greedy_fit` over the concatenation of ``chunks`` (index arrays into ``costs``,
+    all costs >= ``cheapest`` > 0): the indices taken, in order.
+
+    The rule takes items one after another, so each chunk can be decided with what the
+    earlier ones left; chunks stop being drawn once not even the cheapest item fits. A
+    pool-sized order then never has to exist as one gathered array of costs.
+    """
+    if budget < 0:
+        raise ValueError(f"budget_pixels must be >= 0, got {budget}")
+    taken: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    remaining = int(budget)
+    for chunk in chunks:
+        if remaining < max(cheapest, 1):
+            break
+        chunk = np.asarray(chunk, dtype=np.int64)
+        picked = chunk[_greedy_fit(np.arange(chunk.size), costs[chunk], remaining)]
+        taken.append(picked)
+        remaining -= int(costs[picked].sum())
+    return np.concatenate(taken)
+
+
+def order_by_count_then_rank(counts: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Positions of ``counts`` (ints >= 0) by count descending, ties by position: the order
+    of ``np.lexsort((np.arange(n), -counts))``.
+
+    One int64 key (count, position) sorted in place needs no index array beside the
+    key, where lexsort over 10M rows needs several. ``overwrite``: an int64 ``counts``
+    the caller no longer needs becomes that key (and the result), saving one more.
+    """
+    counts = np.asarray(counts).reshape(-1)
+    n = counts.size
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    top = int(counts.max())
+    if counts.min() < 0 or (top + 1) * n >= 1 << 62:  # the key would not fit: sort by both
+        return np.lexsort((np.arange(n), -counts.astype(np.int64)))
+    if overwrite and counts.dtype == np.int64 and counts.flags.writeable:
+        key = np.subtract(top, counts, out=counts)
+    else:
+        key = np.subtract(top, counts, dtype=np.int64)
+    key *= n
+    for start in range(0, n, 1 << 20):  # positions added a slice at a time: no n-long arange
+        key[start : start + (1 << 20)] += np.arange(start, min(n, start + (1 << 20)))
+    key.sort()
+    key %= n
+    return key
 
 
 def _candidates(ids: np.ndarray, exclude: Collection) -> np.ndarray:
@@ -306,7 +356,7 @@ class StreamingBestPrefix:
             self._compact()
 
     def _compact(self) -> None:
-        scores, keys, weights, payload = (np.concatenate(c) for c in zip(*self._parts, strict=True))
+        scores, keys, weights = (np.concatenate([p[k] for p in self._parts]) for k in range(3))
         order = np.lexsort((keys, -scores))
         reached = np.flatnonzero(np.cumsum(weights[order]) >= self.target)
         if reached.size:
@@ -315,8 +365,28 @@ class StreamingBestPrefix:
                 last = int(np.searchsorted(-scores[order], -scores[order[last]], side="right")) - 1
             order = order[: last + 1]
             self._bound = (float(scores[order[-1]]), int(keys[order[-1]]))
-        self._parts = [(scores[order], keys[order], weights[order], payload[order])]
+        self._parts = [(scores[order], keys[order], weights[order], self._payload_at(order))]
         self._buffered = self._kept = order.size
+
+    def _payload_at(self, order: np.ndarray) -> np.ndarray:
+        """Payload rows ``order`` of the buffered parts taken as one, gathered part by part:
+        the parts' payload (most of a row's bytes) is never concatenated first."""
+        if len(self._parts) == 1:
+            return self._parts[0][3][order]
+        out = np.empty((order.size, self._width), dtype=np.int64)
+        start = 0
+        for part in self._parts:
+            stop = start + part[3].shape[0]
+            inside = np.flatnonzero((order >= start) & (order < stop))
+            out[inside] = part[3][order[inside] - start]
+            start = stop
+        return out
+
+    @property
+    def bound(self) -> tuple[float, int] | None:
+        """(score, key) of the prefix's last row once the target was reached: rows behind
+        it can never enter, so a caller may drop rows scored below it before pushing."""
+        return self._bound
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, int] | None]:
         """``(scores, keys, weights, payload, bound)`` best first; ``bound`` is the (score, key)

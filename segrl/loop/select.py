@@ -14,15 +14,20 @@ and cut to its best-first prefix, and only the chosen rows become selection rows
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segrl.acquisition import select_images, select_ppl_images, select_random
-from segrl.acquisition.selectors import StreamingBestPrefix, take_regions_in_order
+from segrl.acquisition import select_images
+from segrl.acquisition.selectors import (
+    StreamingBestPrefix,
+    greedy_fit_chunks,
+    order_by_count_then_rank,
+    take_regions_in_order,
+)
 from segrl.config import ALConfig
 from segrl.labeling import SELECTION_SCHEMA
 
@@ -67,15 +72,39 @@ def read_scores(scores: pq.ParquetFile, al: ALConfig) -> pa.Table:
     """The columns of a scores file that ``al``'s selection reads: at 10M frames every
     other signal column would cost the driver ~80 MB."""
     wanted = {*POOL_COLUMNS, SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
-    return scores.read(columns=[c for c in scores.schema_arrow.names if c in wanted])
+    if al.acquisition not in REGION_ACQUISITIONS:  # "row" only links regions.parquet: 80 MB
+        wanted.discard("row")
+    return read_columns(scores, wanted)
+
+
+def read_columns(source: pq.ParquetFile, wanted: Iterable[str | None]) -> pa.Table:
+    """The ``wanted`` columns of a Parquet file (in file order; absent ones skipped), read
+    one row group at a time: a whole-file read holds every column's decode buffers at
+    once, ~300 MB above the table itself at 10M frames."""
+    wanted = set(wanted)
+    columns = [c for c in source.schema_arrow.names if c in wanted]
+    if source.num_row_groups == 0:
+        return source.read(columns=columns)
+    table = pa.concat_tables([source.read_row_group(g, columns=columns)
+                              for g in range(source.num_row_groups)])
+    release_unused()
+    return table
 
 
 def pool_size(scores: pq.ParquetFile) -> tuple[int, int]:
-    """(pixels, images) of the scored pool, read one batch of sizes at a time."""
+    """(pixels, images) of the scored pool, read one row group of sizes at a time."""
     pixels = 0
-    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["height", "width"]):
-        pixels += int(pool_areas(pa.Table.from_batches([batch])).sum())
+    for group in range(scores.num_row_groups):
+        pixels += int(pool_areas(scores.read_row_group(group, columns=["height", "width"])).sum())
+    release_unused()
     return pixels, scores.metadata.num_rows
+
+
+def release_unused() -> None:
+    """Hand the memory Arrow's allocator keeps after a read back to the system: Parquet
+    decoding leaves ~100 MB of freed pages at 10M frames, which the driver would
+    otherwise hold for the rest of the round."""
+    pa.default_memory_pool().release_unused()
 
 
 def take_rows(source: pq.ParquetFile, rows: np.ndarray, columns: list[str]) -> pa.Table:
@@ -145,15 +174,66 @@ def aligned_hist(table: pa.Table, positions: np.ndarray) -> np.ndarray:
     return out
 
 
+def _as_counts_table(labeled_pixels: LabeledPixels) -> pa.Table:
+    if isinstance(labeled_pixels, pa.Table):
+        return labeled_pixels
+    return pa.table({"id": pa.array(list(labeled_pixels), pa.string()),
+                     "requested_pixels": pa.array(list(labeled_pixels.values()), pa.int64())})
+
+
+def labeled_rows(ids: pa.ChunkedArray,
+                 labeled_pixels: LabeledPixels) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``ids`` asked for before, pixels asked in each), the rows ascending.
+
+    The asked images are a small share of a pool: looking the pool's ids up in the
+    asked ones chunk by chunk keeps every intermediate the size of a chunk or of the
+    answer, where a pool-sized lookup would cost several 80 MB arrays at 10M frames.
+    """
+    table = _as_counts_table(labeled_pixels)
+    empty = np.empty(0, dtype=np.int64)
+    if table.num_rows == 0 or len(ids) == 0:
+        return empty, empty
+    counts = table.column("requested_pixels").to_numpy().astype(np.float64, copy=False)
+    if table.column("id").equals(ids):  # same rows: each row is its own match (as positions_in)
+        rows = np.arange(len(ids), dtype=np.int64)
+        return rows, counts.astype(np.int64)
+    value_set = table.column("id").combine_chunks().cast(ids.type)
+    rows, found, start = [empty], [empty], 0
+    for chunk in ids.chunks:
+        at = pc.index_in(chunk, value_set=value_set)
+        hit = np.flatnonzero(pc.is_valid(at).to_numpy(zero_copy_only=False))
+        rows.append(hit + start)
+        found.append(pc.take(at, pa.array(hit)).to_numpy().astype(np.int64))
+        start += len(chunk)
+    # through float64, as aligned() reads the column
+    return np.concatenate(rows), counts[np.concatenate(found)].astype(np.int64)
+
+
 def requested_pixels(pool: pa.Table, labeled_pixels: LabeledPixels) -> np.ndarray:
     """Pixels already asked for in each pool image (0 if none), int64."""
-    if not isinstance(labeled_pixels, pa.Table):
-        labeled_pixels = pa.table({"id": pa.array(list(labeled_pixels), pa.string()),
-                                   "requested_pixels": pa.array(list(labeled_pixels.values()), pa.int64())})
-    if labeled_pixels.num_rows == 0:
-        return np.zeros(pool.num_rows, dtype=np.int64)
-    return aligned(labeled_pixels, positions_in(pool.column("id"), labeled_pixels),
-                   "requested_pixels", 0).astype(np.int64)
+    out = np.zeros(pool.num_rows, dtype=np.int64)
+    rows, counts = labeled_rows(pool.column("id"), labeled_pixels)
+    out[rows] = counts
+    return out
+
+
+def remaining_pixels(pool: pa.Table, labeled_pixels: LabeledPixels) -> np.ndarray:
+    """Pixels not asked for yet in each pool image, int64: its area minus the asked ones."""
+    remaining = int_column(pool, "height")
+    if not remaining.flags.writeable:  # a zero-copy view of a one-chunk column
+        remaining = remaining.copy()
+    remaining *= int_column(pool, "width")
+    rows, counts = labeled_rows(pool.column("id"), labeled_pixels)
+    remaining[rows] -= counts
+    return remaining
+
+
+def sorted_rows(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Rows of ``ids`` in ascending id order (ties by position), int64: the inverse of
+    :func:`id_ranks`, from one stable Arrow sort without the rank array."""
+    if len(ids) == 0:
+        return np.empty(0, dtype=np.int64)
+    return pc.sort_indices(ids).to_numpy().view(np.int64)
 
 
 def chosen_positions(ranks: np.ndarray, chosen_ranks: list) -> np.ndarray:
@@ -205,19 +285,37 @@ def choose_whole_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`select_whole_images`'s choice: (pool rows in pick order, their costs). ``pool``
     needs only id, height and width."""
-    remaining = pool_areas(pool) - requested_pixels(pool, labeled_pixels)
+    remaining = remaining_pixels(pool, labeled_pixels)
+    if al.acquisition == "random":
+        rows = choose_random_images(pool.column("id"), remaining, budget, al.seed)
+        return rows, remaining[rows]
     candidates = np.flatnonzero(remaining > 0)
     ranks = id_ranks(pool.column("id"))
-    if al.acquisition == "random":
-        chosen = select_random(ranks[candidates], remaining[candidates], budget, seed=al.seed)
-    else:
-        positions = positions_in(pool.column("id"), scores)
-        signal = aligned(scores, positions, IMAGE_SIGNAL[al.acquisition], -np.inf)
-        hist = aligned_hist(scores, positions)[candidates] if al.class_balance else None
-        chosen = select_images(ranks[candidates], signal[candidates], remaining[candidates], budget,
-                               seed=al.seed, class_hist=hist, balance=al.class_balance)
+    positions = positions_in(pool.column("id"), scores)
+    signal = aligned(scores, positions, IMAGE_SIGNAL[al.acquisition], -np.inf)
+    hist = aligned_hist(scores, positions)[candidates] if al.class_balance else None
+    chosen = select_images(ranks[candidates], signal[candidates], remaining[candidates], budget,
+                           seed=al.seed, class_hist=hist, balance=al.class_balance)
     rows = chosen_positions(ranks, chosen)
     return rows, remaining[rows]
+
+
+def choose_random_images(ids: pa.ChunkedArray, remaining: np.ndarray, budget: int,
+                         seed: int) -> np.ndarray:
+    """:func:`segrl.acquisition.select_random` over the open images (``remaining`` > 0):
+    their rows, in pick order.
+
+    The same shuffle of the open images in id order, without a pool of ranks, costs or
+    a shuffled copy: the id order comes from one Arrow sort, and the budget rule walks
+    the shuffle chunk by chunk, stopping once not even the cheapest image fits.
+    """
+    by_id = sorted_rows(ids)
+    by_id = by_id[remaining[by_id] > 0]
+    shuffle = np.random.default_rng(seed).permutation(by_id.size)
+    cheapest = int(remaining[by_id].min()) if by_id.size else 0
+    return greedy_fit_chunks(
+        (by_id[shuffle[start : start + BATCH_ROWS]] for start in range(0, by_id.size, BATCH_ROWS)),
+        remaining, budget, cheapest)
 
 
 def image_selection(chosen: pa.Table, costs: np.ndarray) -> pa.Table:
@@ -235,7 +333,7 @@ def select_image_step(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: Labe
         return select_top_images(al, scores, labeled_pixels, budget)
     # The uris (~40 bytes a frame) stay on disk until the choice is made.
     needed = {"id", "height", "width", SIGNAL_COLUMNS.get(al.acquisition), "class_hist" if al.class_balance else None}
-    table = scores.read(columns=[c for c in scores.schema_arrow.names if c in needed])
+    table = read_columns(scores, needed)
     rows, costs = choose_whole_images(al, table, table, labeled_pixels, budget)
     del table  # the output's columns are read back for the chosen rows only
     return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
@@ -297,9 +395,13 @@ def _take_images(scores: pq.ParquetFile, values: np.ndarray, payload: np.ndarray
 # ---------------------------------------------------------------------- regions
 
 
-def region_batches(regions: pa.Table | pq.ParquetFile) -> Iterator[pa.RecordBatch]:
-    """The region rows batch by batch: a Parquet file is read one batch at a time."""
-    columns = [c for c in (*REGION_COLUMNS, "row") if c in regions.schema.names]
+def region_batches(regions: pa.Table | pq.ParquetFile,
+                   with_ids: bool = True) -> Iterator[pa.RecordBatch]:
+    """The region rows batch by batch: a Parquet file is read one batch at a time.
+    ``with_ids=False`` leaves the id strings (most of a row's bytes) unread, for callers
+    that link regions to images through ``row``."""
+    wanted = tuple(c for c in (*REGION_COLUMNS, "row") if with_ids or c != "id")
+    columns = [c for c in wanted if c in regions.schema.names]
     if isinstance(regions, pq.ParquetFile):
         yield from regions.iter_batches(batch_size=BATCH_ROWS, columns=columns)
     else:
@@ -308,35 +410,73 @@ def region_batches(regions: pa.Table | pq.ParquetFile) -> Iterator[pa.RecordBatc
 
 class RegionImages:
     """Maps region rows to pool rows: through the scoring ``row`` column when both tables
-    have it (numpy only), else by id lookup (fine for small tables)."""
+    have it (numpy only; no table at all when the pool's rows are 0..n-1, as scoring
+    writes them), else by id lookup (fine for small tables)."""
 
     def __init__(self, pool: pa.Table, regions_schema: pa.Schema) -> None:
-        self.pool = pool
         self.by_row = None
+        self.identity = False
+        self.size = pool.num_rows
         if "row" in pool.column_names and "row" in regions_schema.names and pool.num_rows:
-            pool_rows = int_column(pool, "row")
-            self.by_row = np.full(int(pool_rows.max()) + 1, -1, dtype=np.int64)
-            self.by_row[pool_rows] = np.arange(pool.num_rows)
+            self.identity = _is_identity(pool.column("row"))
+            if not self.identity:
+                pool_rows = int_column(pool, "row")
+                self.by_row = np.full(int(pool_rows.max()) + 1, -1, dtype=np.int64)
+                self.by_row[pool_rows] = np.arange(pool.num_rows)
+        self.pool = pool.select(["id"]) if self.needs_ids else None
 
-    def __call__(self, batch: pa.RecordBatch) -> np.ndarray:
-        if self.by_row is None:
-            return positions_in(pa.chunked_array([batch.column("id")]), self.pool)
+    @property
+    def needs_ids(self) -> bool:
+        return self.by_row is None and not self.identity
+
+    def __call__(self, batch: pa.RecordBatch, take: np.ndarray | None = None) -> np.ndarray:
+        """Pool row of each batch row (of rows ``take`` only, when given), -1 where none."""
+        if self.needs_ids:
+            ids = batch.column("id") if take is None else batch.column("id").take(pa.array(take))
+            return positions_in(pa.chunked_array([ids]), self.pool)
         rows = batch.column("row").to_numpy().astype(np.int64)
-        inside = rows < self.by_row.size
-        return np.where(inside, self.by_row[np.minimum(rows, self.by_row.size - 1)], -1)
+        rows = rows if take is None else rows[take]
+        size = self.size if self.identity else self.by_row.size
+        inside = rows < size
+        clipped = np.minimum(rows, size - 1)
+        if self.identity:  # what by_row = arange(size) would give, negative indices included
+            return np.where(inside, np.where(clipped < 0, clipped + size, clipped), -1)
+        return np.where(inside, self.by_row[clipped], -1)
 
 
-def _region_arrays(batch: pa.RecordBatch, images: np.ndarray, ranks: np.ndarray, offset: int, total: int):
-    """(scores, keys, areas, payload=[image, y0, x0, y1, x1]) of a batch's usable rows.
+def _is_identity(rows: pa.ChunkedArray) -> bool:
+    """Is ``rows`` exactly 0, 1, ..., n-1? Checked chunk by chunk (no pool-sized copy)."""
+    start = 0
+    for chunk in rows.chunks:
+        expected = np.arange(start, start + len(chunk))
+        if chunk.null_count or not np.array_equal(chunk.to_numpy(), expected):
+            return False
+        start += len(chunk)
+    return True
+
+
+def _region_arrays(batch: pa.RecordBatch, to_images: RegionImages, ranks: np.ndarray, offset: int,
+                   total: int, wanted: Callable[[np.ndarray], np.ndarray] | None = None):
+    """(scores, keys, areas, payload=[image, y0, x0, y1, x1]) of a batch's usable rows,
+    of those whose score passes ``wanted`` (a mask over the batch's scores) when given.
 
     key = image id rank x total + row position: the (image id, position) tie-break of
-    :func:`segrl.acquisition.select_regions` as one int64.
+    :func:`segrl.acquisition.select_regions` as one int64. ``wanted`` cuts the batch
+    before any per-row array is built: behind a full prefix most rows of a batch can
+    never enter it, and only the box check needs them all.
     """
-    boxes = np.stack([batch.column(c).to_numpy().astype(np.int64) for c in ("y0", "x0", "y1", "x1")], axis=1)
-    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+    columns = [batch.column(c).to_numpy() for c in ("y0", "x0", "y1", "x1")]
+    if ((columns[2] < columns[0]) | (columns[3] < columns[1])).any():
         raise ValueError("boxes must be (y0, x0, y1, x1) with y1 >= y0 and x1 >= x0")
     scores = batch.column("score").to_numpy().astype(np.float64)
+    rows = None if wanted is None else np.flatnonzero(wanted(scores))
+    if rows is not None:
+        scores = scores[rows]
+        columns = [c[rows] for c in columns]
+    images = to_images(batch, rows)
+    boxes = np.stack([c.astype(np.int64) for c in columns], axis=1)
     position = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+    position = position if rows is None else position[rows]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = (images >= 0) & (area > 0)  # a region of no pixels costs 0 and is never taken
     image = images[keep]
@@ -345,7 +485,8 @@ def _region_arrays(batch: pa.RecordBatch, images: np.ndarray, ranks: np.ndarray,
     return scores[keep], keys, area[keep], payload
 
 
-def _costs_after_labels(pool: pa.Table, payload: np.ndarray, area: np.ndarray, labeled: np.ndarray,
+def _costs_after_labels(pool: RegionPool, payload: np.ndarray, area: np.ndarray,
+                        labeled: np.ndarray,
                         labeled_mask: LabeledMask) -> np.ndarray:
     """Area minus pixels already asked for inside each region, reading each labeled image's mask once."""
     costs = area.copy()
@@ -355,7 +496,7 @@ def _costs_after_labels(pool: pa.Table, payload: np.ndarray, area: np.ndarray, l
     order = need[np.argsort(payload[need, 0], kind="stable")]
     images = payload[order, 0]
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
-    ids = pool.column("id").take(pa.array(images[starts])).to_pylist()
+    ids = pool.ids_of(images[starts])
     for image_id, group in zip(ids, np.split(order, starts[1:]), strict=True):
         mask = labeled_mask(image_id)
         if mask is None:
@@ -374,8 +515,10 @@ def select_region_step(scores: pq.ParquetFile, regions: pq.ParquetFile, budget: 
                        labeled_mask: LabeledMask, labeled_pixels: LabeledPixels) -> pa.Table:
     """The loop's region selection from its scores and regions files: the pool's uris
     (~40 bytes a frame) stay on disk until the regions are chosen."""
-    pool = scores.read(columns=[c for c in scores.schema_arrow.names if c in ("id", "height", "width", "row")])
-    rows, boxes, costs = choose_regions(pool, regions, budget, labeled_mask, labeled_pixels)
+    # sizes only when no counts say which images were asked for (choose_regions then asks all)
+    wanted = ("id", "row") if labeled_pixels is not None else ("id", "height", "width", "row")
+    pool = RegionPool(read_columns(scores, wanted), regions.schema_arrow, labeled_pixels)
+    rows, boxes, costs = _choose_regions(pool, regions, budget, labeled_mask)
     del pool
     chosen = take_rows(scores, rows, ["id", "image_uri", "height", "width"])
     return selection_rows(chosen, np.arange(rows.size), "region", boxes, costs)
@@ -407,22 +550,62 @@ def choose_regions(
     (per-image counts consistent with ``labeled_mask``) says which images need a mask
     read and bounds that second pass; without it every image's mask is asked for.
     """
-    ranks = id_ranks(pool.column("id"))
-    # Without counts, any image may have every pixel asked for already.
-    requested = pool_areas(pool) if labeled_pixels is None else requested_pixels(pool, labeled_pixels)
-    labeled = requested > 0
+    schema = regions.schema_arrow if isinstance(regions, pq.ParquetFile) else regions.schema
+    return _choose_regions(RegionPool(pool, schema, labeled_pixels), regions, budget, labeled_mask)
+
+
+class RegionPool:
+    """What region selection keeps of the pool while it streams the regions table: id
+    ranks, the row link, and the asked-for images' rows, counts and ids. Not the id
+    column (~190 MB at 10M frames) unless every image may need its mask read."""
+
+    def __init__(self, pool: pa.Table, regions_schema: pa.Schema,
+                 labeled_pixels: LabeledPixels | None) -> None:
+        self.ranks = id_ranks(pool.column("id"))
+        self.to_images = RegionImages(pool, regions_schema)
+        if labeled_pixels is None:  # without counts, any image may have every pixel asked for
+            self.rows, self.requested, self.ids = None, pool_areas(pool), pool.column("id")
+            self.labeled = self.requested > 0
+        else:
+            self.rows, self.requested = labeled_rows(pool.column("id"), labeled_pixels)
+            self.ids = pool.column("id").take(pa.array(self.rows, pa.int64()))
+            self.labeled = np.zeros(pool.num_rows, dtype=bool)
+            self.labeled[self.rows[self.requested > 0]] = True
+
+    def _at(self, images: np.ndarray) -> np.ndarray:
+        """Positions of pool rows ``images`` (all asked for) in ``rows``/``requested``/``ids``."""
+        return images if self.rows is None else np.searchsorted(self.rows, images)
+
+    def requested_at(self, images: np.ndarray) -> np.ndarray:
+        """Pixels asked for in each of pool rows ``images`` (0 if none)."""
+        if self.rows is None:
+            return self.requested[images]
+        out = np.zeros(images.size, dtype=np.int64)
+        asked = self.labeled[images]
+        out[asked] = self.requested[self._at(images[asked])]
+        return out
+
+    def ids_of(self, images: np.ndarray) -> list[str]:
+        """Ids of pool rows ``images``, each asked for before."""
+        return self.ids.take(pa.array(self._at(images), pa.int64())).to_pylist()
+
+
+def _choose_regions(pool: RegionPool, regions: pa.Table | pq.ParquetFile, budget: int,
+                    labeled_mask: LabeledMask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ranks, to_images, labeled = pool.ranks, pool.to_images, pool.labeled
     total = regions.metadata.num_rows if isinstance(regions, pq.ParquetFile) else regions.num_rows
-    to_images = RegionImages(pool, regions.schema_arrow if isinstance(regions, pq.ParquetFile) else regions.schema)
     prefix = StreamingBestPrefix(int(budget * PREFIX_SLACK) + 1, payload_width=5)
     offset = 0
-    for batch in region_batches(regions):
-        prefix.push(*_region_arrays(batch, to_images(batch), ranks, offset, total))
+    for batch in region_batches(regions, with_ids=to_images.needs_ids):
+        bound = prefix.bound
+        wanted = None if bound is None else (lambda scores, floor=bound[0]: scores >= floor)
+        prefix.push(*_region_arrays(batch, to_images, ranks, offset, total, wanted))
         offset += batch.num_rows
     scores, keys, area, payload, bound = prefix.result()
     costs = _costs_after_labels(pool, payload, area, labeled, labeled_mask)
     taken, left = _take(payload, costs, budget)
     if left > 0 and bound is not None:
-        tail = _later_rows_that_may_fit(regions, to_images, ranks, total, bound, left, requested)
+        tail = _later_rows_that_may_fit(regions, pool, total, bound, left)
         scores, keys, area, payload = (np.concatenate([a, b]) for a, b in zip((scores, keys, area, payload), tail, strict=True))
         costs = np.concatenate([costs, _costs_after_labels(pool, tail[3], tail[2], labeled, labeled_mask)])
         taken, left = _take(payload, costs, budget)
@@ -436,17 +619,18 @@ def _take(payload: np.ndarray, costs: np.ndarray, budget: int) -> tuple[np.ndarr
     return useful[taken], left
 
 
-def _later_rows_that_may_fit(regions, to_images, ranks, total, bound, left, requested):
+def _later_rows_that_may_fit(regions, pool: RegionPool, total, bound, left):
     """Rows behind the prefix whose cost can still be <= ``left``: area minus the image's
     asked pixels is a lower bound of the cost. Returned best first."""
     score, key = bound
     parts = []
     offset = 0
-    for batch in region_batches(regions):
-        scores, keys, area, payload = _region_arrays(batch, to_images(batch), ranks, offset, total)
+    for batch in region_batches(regions, with_ids=pool.to_images.needs_ids):
+        scores, keys, area, payload = _region_arrays(
+            batch, pool.to_images, pool.ranks, offset, total, lambda scores: scores <= score)
         offset += batch.num_rows
         behind = (scores < score) | ((scores == score) & (keys > key))
-        keep = behind & (area - requested[payload[:, 0]] <= left)
+        keep = behind & (area - pool.requested_at(payload[:, 0]) <= left)
         parts.append((scores[keep], keys[keep], area[keep], payload[keep]))
     scores, keys, area, payload = (np.concatenate(c) for c in zip(*parts, strict=True))
     order = _best_first(scores, keys)
@@ -465,17 +649,80 @@ def labor_images(al: ALConfig, pool: pa.Table, scores: pa.Table, labeled_pixels:
     all their masks together to the budget. PPL: :func:`select_ppl_images` under the
     click budget.
     """
-    positions = positions_in(scores.column("id"), pool)
+    same = scores.column("id").equals(pool.column("id"))  # the loop's pool is its scores table
+    positions = None if same else positions_in(scores.column("id"), pool)
     counts = int_column(scores, "disagree_pixels")
-    full = (requested_pixels(pool, labeled_pixels) >= pool_areas(pool))[positions]
-    ranks = id_ranks(scores.column("id"))
+    open_ = (counts > 0) & ~_fully_asked(pool, labeled_pixels, positions)
     if al.acquisition == "labor_spl":
-        order = np.lexsort((ranks, -counts))
-        chosen = order[(counts[order] > 0) & ~full[order]]
+        by_id = sorted_rows(scores.column("id"))
+        by_id = by_id[open_[by_id]]
+        del open_
+        order = order_by_count_then_rank(counts[by_id], overwrite=True)  # a fresh copy: reused
+        for start in range(0, order.size, BATCH_ROWS):  # rows in place of positions: no third array
+            order[start : start + BATCH_ROWS] = by_id[order[start : start + BATCH_ROWS]]
+        chosen = order
+        del by_id
     else:
-        open_ = np.flatnonzero(~full)
-        chosen = chosen_positions(ranks, select_ppl_images(ranks[open_], counts[open_], al.points_per_image, budget))
-    return positions[chosen], counts[chosen]
+        if al.points_per_image <= 0:
+            raise ValueError(f"points_per_image must be > 0, got {al.points_per_image}")
+        chosen = _ppl_rows(scores.column("id"), counts, open_, al.points_per_image, budget)
+    return (chosen if positions is None else positions[chosen]), counts[chosen]
+
+
+def _fully_asked(pool: pa.Table, labeled_pixels: LabeledPixels,
+                 positions: np.ndarray | None) -> np.ndarray:
+    """Per scores row (pool row when ``positions`` is None): is every pixel asked already?"""
+    # an image of no pixels counts as fully asked, as requested 0 >= area 0
+    full = pc.less_equal(pc.multiply(pool.column("height"), pool.column("width")), 0)
+    full = full.to_numpy(zero_copy_only=False).copy()
+    rows, counts = labeled_rows(pool.column("id"), labeled_pixels)
+    asked = pool.select(["height", "width"]).take(pa.array(rows, pa.int64()))
+    full[rows[counts >= pool_areas(asked)]] = True
+    return full if positions is None else full[positions]
+
+
+def _ppl_rows(ids: pa.ChunkedArray, counts: np.ndarray, open_: np.ndarray, points_per_image: int,
+              budget: int) -> np.ndarray:
+    """:func:`select_ppl_images` over the ``open_`` rows (disagreement, not fully asked):
+    rows in pick order.
+
+    An image costs 1 to ``points_per_image`` clicks, so the best ``budget + 1`` images
+    (with every image tied with the last) are a prefix the greedy rule cannot walk past
+    before the budget runs out; only their ids are ranked. Budget left after them can
+    only go to later images cheap enough for it, ranked in turn.
+    """
+    if budget < 0:
+        raise ValueError(f"budget_pixels must be >= 0, got {budget}")
+    values = counts[open_]
+    if values.size <= budget + 1:
+        return _ppl_greedy(ids, counts, np.flatnonzero(open_), points_per_image, budget)[0]
+    kth = values.size - (budget + 1)
+    values.partition(kth)  # in place: the (budget + 1)-th largest count lands at kth
+    bound = values[kth]
+    del values
+    head = np.flatnonzero(open_ & (counts >= bound))
+    chosen, left = _ppl_greedy(ids, counts, head, points_per_image, budget)
+    if left > 0:
+        cheap = np.minimum(counts, points_per_image) <= left
+        later = np.flatnonzero(open_ & (counts < bound) & cheap)
+        more, _ = _ppl_greedy(ids, counts, later, points_per_image, left)
+        chosen = np.concatenate([chosen, more])
+    return chosen
+
+
+def _ppl_greedy(ids: pa.ChunkedArray, counts: np.ndarray, rows: np.ndarray, points_per_image: int,
+                budget: int) -> tuple[np.ndarray, int]:
+    """The greedy click-budget rule over ``rows``, most disagreement first, ties by id:
+    (rows taken in pick order, clicks left)."""
+    ranks = id_ranks(ids.take(pa.array(rows, pa.int64())))  # order within ``rows`` suffices
+    clicks = np.minimum(counts[rows], points_per_image)
+    picked = _best_first_fit(counts[rows], ranks, clicks, budget)
+    return rows[picked], budget - int(clicks[picked].sum())
+
+
+def _best_first_fit(values: np.ndarray, ranks: np.ndarray, costs: np.ndarray,
+                    budget: int) -> np.ndarray:
+    return greedy_fit_chunks([np.lexsort((ranks, -values))], costs, budget)
 
 
 # ---------------------------------------------------------------------- points over the pool
@@ -492,10 +739,9 @@ def choose_point_images(al: ALConfig, pool: pa.Table, labeled_pixels: LabeledPix
     first, as :func:`segrl.acquisition.select_random`), so the pixel rules are compared
     on the same images. Fully asked images are never chosen.
     """
-    remaining = pool_areas(pool) - requested_pixels(pool, labeled_pixels)
-    open_ = np.flatnonzero(remaining > 0)
-    ranks = id_ranks(pool.column("id"))
-    by_id = open_[np.argsort(ranks[open_], kind="stable")]
+    remaining = remaining_pixels(pool, labeled_pixels)
+    by_id = sorted_rows(pool.column("id"))
+    by_id = by_id[remaining[by_id] > 0]
     order = by_id[np.random.default_rng(al.seed).permutation(by_id.size)]
     clicks = np.minimum(remaining[order], al.points_per_image)
     before = np.cumsum(clicks) - clicks  # clicks spent on the images ahead of each
