@@ -156,11 +156,16 @@ def name_own_dashboard() -> int:
     another cluster (a second job, a benchmark) it finds two, and its thread dies printing a
     ConnectionError traceback into every training run's console.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return port
+
+
+def free_loopback_port() -> int:
+    """A port that is free on 127.0.0.1 right now (the system picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def is_loopback_address(address: str) -> bool:

@@ -8,23 +8,16 @@ several seconds of both cores here. A module that needs a cluster of another sha
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 
-from segrl.engine.train import listen_on_loopback_only, use_local_cluster_env
+from segrl.engine.train import free_loopback_port, listen_on_loopback_only, use_local_cluster_env
 
 # segrl's settings for a local cluster (faster health checks, no preemption watcher, workers
 # at niceness 0), set before any cluster of the tests starts so that all of its processes
 # inherit them.
 use_local_cluster_env()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class SharedRay:
@@ -69,7 +62,7 @@ def two_node_cluster(shared_ray: SharedRay):
     shared_ray.stop()
     # its own dashboard port: the state API it serves must not be another cluster's (the
     # local stack of a parallel test process takes Ray's default port)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "dashboard_port": free_port()})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "dashboard_port": free_loopback_port()})
     cluster.add_node(num_cpus=1, num_gpus=1)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:

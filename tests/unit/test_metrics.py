@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from segrl.engine.train import free_loopback_port
 from segrl.metrics import (
     confusion_matrix,
     format_iou_table,
@@ -85,7 +86,7 @@ def test_all_reduce_sums_over_gloo_ranks():
     # forked, not spawned: a spawned rank imports torch again, tens of seconds on two busy cores
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_loopback_port()
     procs = [ctx.Process(target=_reduce_rank, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -98,14 +99,6 @@ def test_all_reduce_sums_over_gloo_ranks():
                 p.kill()
     assert all(r == [[1, 1], [0, 2]] for r in results)
     assert [p.exitcode for p in procs] == [0, 0]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reduce_rank(rank: int, port: int, queue) -> None:
