@@ -25,6 +25,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +92,7 @@ LOCAL_CLUSTER_ENV = {
 # default on macOS and Windows) the node's address is 127.0.0.1 and they listen there only;
 # such a cluster takes no other nodes, which a cluster of this machine alone never needs.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 # An epoch's history keys that depend on the clock and the machine's load, not on what was
 # learned: a resumed or disturbed run equals an undisturbed one in every other key.
 CLOCK_KEYS = ("images_per_s", "eval_s", "previous_checkpoint_s", "threads")
@@ -136,29 +139,39 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # "local" starts a fresh cluster rather than joining whichever one happens to run here;
     # `ray job submit` sets RAY_ADDRESS for the driver, which then joins its cluster.
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    init_kwargs = {}
-    if address == "local":
-        use_local_cluster_env()
-        init_kwargs["dashboard_port"] = name_own_dashboard()
     if address == "local" or is_loopback_address(address):
         # a driver joining a cluster on 127.0.0.1 (cluster/local_up.sh's) must take that
         # address too: Ray would otherwise look for the GCS at the machine's outward address
         listen_on_loopback_only()
-    init_ray_quietly(address, **init_kwargs)
+    if address != "local":
+        init_ray_quietly(address)
+        return
+    use_local_cluster_env()
+    port = free_loopback_port()
+    with own_dashboard_env(port):
+        init_ray_quietly(address, dashboard_port=port)
 
 
-def name_own_dashboard() -> int:
-    """A free port for the local cluster's dashboard, named in ``RAY_API_SERVER_ADDRESS`` for
-    every process of that cluster; returns the port.
+@contextmanager
+def own_dashboard_env(port: int) -> Iterator[None]:
+    """``RAY_API_SERVER_ADDRESS`` naming the dashboard at ``port`` while a local cluster starts,
+    so that every process of that cluster inherits it; this process's own value is restored.
 
     Ray Train's placement-group cleaner asks the state API whether the run's controller is
     alive, and without an address it looks for "the" Ray instance of the machine: beside
     another cluster (a second job, a benchmark) it finds two, and its thread dies printing a
-    ConnectionError traceback into every training run's console.
+    ConnectionError traceback into every training run's console. The driver keeps its own
+    value: it may talk to another cluster after this one.
     """
-    port = free_loopback_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return port
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous
 
 
 def free_loopback_port() -> int:

@@ -367,14 +367,17 @@ def test_without_clock_drops_only_the_values_that_depend_on_the_clock():
 
 
 def test_a_local_cluster_names_its_own_dashboard_for_the_state_api(monkeypatch):
-    """Every process of the local cluster (Ray Train's placement-group cleaner among them) asks
-    the state API at this address instead of looking for "the" Ray instance of the machine."""
-    import socket
+    """Every process of the local cluster (Ray Train's placement-group cleaner among them)
+    inherits this address and asks the state API there instead of looking for "the" Ray
+    instance of the machine; the driver's own value comes back after the start."""
+    from segrl.engine.train import free_loopback_port, own_dashboard_env
 
-    from segrl.engine.train import name_own_dashboard
-
+    port = free_loopback_port()
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    port = name_own_dashboard()
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
-    with socket.socket() as server:  # the port is free for the dashboard to take
-        server.bind(("127.0.0.1", port))
+    with own_dashboard_env(port):
+        assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # none before, none after
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    with own_dashboard_env(port):
+        assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:1"
