@@ -21,6 +21,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+STREAM_MODES = ("auto", "always", "never")  # data.stream_unlabeled
 
 # A number as people write it, which YAML 1.1 (PyYAML) reads as a string when the mantissa has
 # no dot or the exponent no sign: 1e-3, 5E-4, 2e3. Only float fields accept it.
@@ -52,6 +53,10 @@ class DataConfig:
     # Memory per training worker for frames decoded and resized once (labeled, unlabeled,
     # then val sets, while they fit; DataLoader processes share them); 0 = decode every draw.
     cache_bytes: int = 512 * 2**20
+    # Unlabeled (or pseudo-labeled) images decoded by Ray Data tasks and streamed into the
+    # workers (segrl.data.stream): auto = when they do not fit the cache_bytes left for them.
+    stream_unlabeled: str = "auto"  # auto | always | never
+    stream_decode_cpus: float = 0.5  # CPUs of each Ray Data decode task
     # Synthetic scenes (the zero-download default): sizes and render settings.
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
@@ -77,6 +82,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _at_least("data.cache_bytes", self.cache_bytes, 0)
+        _one_of("data.stream_unlabeled", self.stream_unlabeled, STREAM_MODES)
+        _positive("data.stream_decode_cpus", self.stream_decode_cpus)
         _one_of("data.dataset", self.dataset, ("synthetic", "camvid", "cityscapes", "manifest"))
         if self.dataset != "synthetic" and not self.root:
             _fail("data.root", self.root, f"is required for dataset '{self.dataset}'")

@@ -9,15 +9,21 @@ everything Ray says, as Ray would print it.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 VERBOSE_ENV = "SEGRL_VERBOSE"
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 # Warnings Ray logs on every start that tell a user of a local cluster nothing about the run.
 HARMLESS_RAY_WARNINGS = (
     "Token authentication is enabled for this Ray cluster",  # on by default, as intended
+    # a streamed training set's own context turns its bars off (segrl.data.stream)
+    "Progress bars disabled. To enable, set",
 )
 
 
@@ -135,6 +141,40 @@ class _HideHarmless(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(known in message for known in HARMLESS_RAY_WARNINGS)
+
+
+def quiet_cluster_env() -> dict[str, str]:
+    """Environment for the processes of a local cluster (``{}`` when verbose).
+
+    Ray Data's console at WARNING but for its progress lines, wherever it runs (the split
+    coordinator of a streamed training set prints a start, a plan and an end line per pass
+    otherwise); its log files keep every record, as Ray configures them. Ray Data reads its
+    logging configuration from the file ``RAY_DATA_LOGGING_CONFIG`` names when a process
+    imports it; this one is Ray's own default with those changes. And Python's warnings
+    filter drops the deprecation that Ray Train's own DatasetManager raises on every run
+    with a dataset, which a user can do nothing about.
+    """
+    if verbose():
+        return {}
+    import ray.data._internal.logging as ray_data_logging
+
+    config = copy.deepcopy(ray_data_logging.DEFAULT_CONFIG)
+    config["filters"]["segrl_harmless"] = {"()": f"{__name__}.{_HideHarmless.__name__}"}
+    console = config["handlers"]["console"]
+    console["filters"] = [*console.get("filters", []), "segrl_harmless"]
+    config["handlers"]["progress_console"] = dict(console)
+    console["level"] = "WARNING"
+    config["loggers"][RAY_DATA_PROGRESS_LOGGER] = {
+        "level": "INFO", "handlers": ["progress_console"], "propagate": False,
+    }
+    path = Path(tempfile.gettempdir()) / f"segrl-ray-data-logging-{os.getuid()}.json"  # JSON is YAML
+    text = json.dumps(config, indent=1, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)  # another job starting at the same time reads a whole file
+    return {ray_data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME: str(path),
+            "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated"}
 
 
 def hide_harmless_warnings() -> None:

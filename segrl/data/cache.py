@@ -59,6 +59,11 @@ class CachedFrames(Dataset):
         return getattr(self.dataset, name)
 
 
+def frame_bytes(dataset: Dataset) -> int:
+    """Bytes of one frame of ``dataset`` at its cacheable stage (its first frame's)."""
+    return sample_bytes(dataset.transform.pre(dataset.raw(0)))
+
+
 def cache_frames(dataset: Dataset | None, max_bytes: int) -> tuple[Dataset | None, CacheReport | None]:
     """(``dataset`` with its frames decoded once, report) when they fit ``max_bytes``;
     otherwise ``dataset`` as it is. The size is estimated from the first frame, then
@@ -85,12 +90,14 @@ def cache_frames(dataset: Dataset | None, max_bytes: int) -> tuple[Dataset | Non
     return CachedFrames(dataset, frames), CacheReport(len(dataset), total, True)
 
 
-def cache_training_sets(sets: Any, max_bytes: int) -> list[str]:
+def cache_training_sets(sets: Any, max_bytes: int, skip: tuple[str, ...] = ()) -> list[str]:
     """Cache the sets of a training run (``segrl.data.build.TrainingSets``) in the order they
     are read most, while the budget lasts: labeled, labeled target, unlabeled, pseudo-labeled,
-    then evaluation. Returns a console line per set."""
+    then evaluation; not those named in ``skip`` (streamed ones). Returns a console line per set."""
     lines, left = [], max_bytes
     for name in ("labeled", "target_labeled", "unlabeled", "pseudo", "val"):
+        if name in skip:
+            continue
         cached, report = cache_frames(getattr(sets, name), left)
         if report is None:
             continue

@@ -22,13 +22,15 @@ import ipaddress
 import json
 import math
 import os
+import random
 import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import torch
@@ -44,12 +46,16 @@ from segrl.config import (
 from segrl.console import (
     hide_ray_info_on_console,
     init_ray_quietly,
+    quiet_cluster_env,
     say,
     train_logging_config,
     verbose,
 )
 from segrl.storage import ArtifactStore, open_store
 from segrl.threads import ThreadGovernor, granted_threads
+
+if TYPE_CHECKING:  # the data modules import torchvision: Ray Train's controller, which loads this module, needs none
+    from segrl.data.build import TrainingSets
 from segrl.training import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
@@ -104,9 +110,11 @@ def without_clock(history: list[dict]) -> list[dict]:
 
 
 # store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
-# data.cache_bytes and store.retry_seconds change speed and patience, not results
+# data.cache_bytes and store.retry_seconds change speed and patience, not results; streaming
+# changes speed and which unlabeled batches a resumed run draws (segrl.data.stream)
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
-                     "store.root", "data.cache_bytes", "store.retry_seconds", "compute.adapt_threads")
+                     "store.root", "data.cache_bytes", "store.retry_seconds", "compute.adapt_threads",
+                     "data.stream_unlabeled", "data.stream_decode_cpus")
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ def run_store(cfg: ExperimentConfig) -> ArtifactStore:
 def use_local_cluster_env() -> None:
     """:data:`LOCAL_CLUSTER_ENV` in this process's environment, where not set already, so that
     every process of a local cluster started from here inherits it."""
-    for name, value in LOCAL_CLUSTER_ENV.items():
+    for name, value in {**LOCAL_CLUSTER_ENV, **quiet_cluster_env()}.items():
         os.environ.setdefault(name, value)
 
 
@@ -174,11 +182,36 @@ def own_dashboard_env(port: int) -> Iterator[None]:
             os.environ[API_SERVER_ENV] = previous
 
 
-def free_loopback_port() -> int:
-    """A port that is free on 127.0.0.1 right now (the system picks it)."""
+# Ports for a local cluster's dashboard and the like: above Ray's worker ports (10002-19999)
+# and below Linux's ephemeral range, from which every outgoing connection and every port-0
+# listener (Ray's own gRPC servers) draws, so that no other process takes the one picked
+# before its server binds it.
+QUIET_PORTS = (20000, 32767)
+
+
+def free_loopback_port(quiet: tuple[int, int] = QUIET_PORTS) -> int:
+    """A port that is free on 127.0.0.1 right now, from ``quiet`` where that lies below the
+    system's ephemeral ports (else one the system picks)."""
+    low, high = quiet[0], min(quiet[1], ephemeral_ports()[0] - 1)
+    for port in random.Random().sample(range(low, high + 1), min(64, max(high - low + 1, 0))):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The system's ephemeral port range (Linux's default where it cannot be read)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
 
 
 def is_loopback_address(address: str) -> bool:
@@ -256,19 +289,22 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_local_paths(cfg)
-    id_lists = preflight(cfg)
+    sets = checked_sets(cfg)
     store = run_store(cfg)
     record_config(store, cfg)
-    for name, ids in id_lists.items():
+    for name, ids in recorded_splits(sets).items():
         # The fixed splits of this run (labeled ids, held-out target), for reproduction.
         store.write_text(name, "\n".join(ids) + "\n")
     ensure_ray(cfg.compute)
     use_gpu = resolve_use_gpu(cfg.compute)
+    streams = unlabeled_stream(cfg, sets)
     prune_checkpoints(store, cfg.train.keep_checkpoints)
     newest = complete_checkpoints(store)[:1]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "verbose": verbose(), "resume_checkpoint": "".join(newest)},
+        train_loop_config={"config": to_dict(cfg), "verbose": verbose(), "resume_checkpoint": "".join(newest),
+                           "streamed_unlabeled": bool(streams)},
+        datasets=streams or None,  # each worker reads its split with ray.train.get_dataset_shard
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.compute.num_workers,
             use_gpu=use_gpu,
@@ -303,13 +339,49 @@ def train(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TrainSum
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
-    """Fail on the driver, before anything is written, on what is cheap to check.
+    """Fail on the driver, before anything is written, on what is cheap to check
+    (:func:`checked_sets`). Returns the id lists to record in the run (drawn splits,
+    held-out target frames)."""
+    return recorded_splits(checked_sets(cfg))
+
+
+def unlabeled_stream(cfg: ExperimentConfig, sets: TrainingSets) -> dict[str, Any]:
+    """``{UNLABELED_STREAM: Ray Data dataset}`` when the set the recipe draws unlabeled
+    batches from is streamed (``data.stream_unlabeled``, :mod:`segrl.data.stream`), else ``{}``.
+    Says which, once, for a run that draws unlabeled batches."""
+    import ray
+
+    from segrl.data.cache import frame_bytes
+    from segrl.data.stream import UNLABELED_STREAM, can_stream, frame_stream, plan_stream
+    from segrl.methods.recipes import unlabeled_draws
+
+    which = unlabeled_draws(cfg.method)
+    source = getattr(sets, which) if which else None
+    if not can_stream(source):
+        return {}
+    # the worker's cache takes the labeled sets first (segrl.data.cache.cache_training_sets)
+    cached_first = sum(frame_bytes(d) * len(d) for d in (sets.labeled, sets.target_labeled) if can_stream(d))
+    plan = plan_stream(cfg.data.stream_unlabeled, len(source), frame_bytes(source),
+                       cfg.data.cache_bytes - cached_first)
+    say(plan.line(f"{which} set"))
+    if not plan.stream:
+        return {}
+    spare = ray.cluster_resources().get("CPU", 0.0) - cfg.compute.num_workers * cfg.compute.cpus_per_worker
+    if spare < cfg.data.stream_decode_cpus:
+        raise ConfigError(
+            f"streaming the {which} set needs {cfg.data.stream_decode_cpus:g} CPU (data.stream_decode_cpus) "
+            f"beside the training workers, and the cluster has {spare:g} left: lower compute.num_workers or "
+            "compute.cpus_per_worker, or set data.stream_unlabeled=never to decode in the workers")
+    return {UNLABELED_STREAM: frame_stream(source, cfg.train.seed, cfg.data.stream_decode_cpus, verbose())}
+
+
+def checked_sets(cfg: ExperimentConfig) -> TrainingSets:
+    """Every training set of ``cfg``, checked on the driver before anything is written.
 
     Build every training set (missing root, images without labels, unknown ids), decode
     the first sample of each (unreadable files, label ids out of range), and build the
     model with its weights (a file of another architecture). Problems found later in
     the run (a corrupt frame deep in the set) fail the run with the same named errors.
-    Returns the id lists to record in the run (drawn splits, held-out target frames).
     """
     from segrl.data.build import build_training_sets
     from segrl.models import build_model
@@ -328,6 +400,11 @@ def preflight(cfg: ExperimentConfig) -> dict[str, list[str]]:
         build_model(cfg.model.arch, len(sets.classes), weights=cfg.train.resume_from, endpoint_url=endpoint)
     if cfg.method.teacher_weights:
         build_model(cfg.model.arch, len(sets.classes), weights=cfg.method.teacher_weights, endpoint_url=endpoint)
+    return sets
+
+
+def recorded_splits(sets: TrainingSets) -> dict[str, list[str]]:
+    """The id lists a run records (drawn splits, held-out target frames), by file name."""
     recorded = {}
     if sets.labeled_ids is not None:
         recorded[LABELED_IDS_FILE] = sets.labeled_ids
@@ -411,6 +488,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     from segrl.data.build import build_training_sets
     from segrl.data.cache import cache_training_sets
+    from segrl.data.stream import UNLABELED_STREAM, sample_kinds, shard_passes, streamed_batches
     from segrl.losses import inverse_sqrt_frequency_weights
     from segrl.methods.recipes import build_recipe
     from segrl.metrics import iou_per_class, mean_iou, pixel_accuracy
@@ -447,7 +525,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     endpoint = cfg.store.endpoint_url
 
     sets = build_training_sets(cfg.data, tcfg.seed, endpoint)
-    for line in cache_training_sets(sets, cfg.data.cache_bytes):
+    streamed = loop_config.get("streamed_unlabeled", False)
+    for line in cache_training_sets(sets, cfg.data.cache_bytes, skip=("unlabeled", "pseudo") if streamed else ()):
         if rank == 0:
             say(line)
     classes = sets.classes
@@ -514,10 +593,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
     # one batch of each per step so far: a restored run draws the ones that come next
-    unlabeled_batches = (
-        cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1, cfg.data.loader_workers, step)
-        if recipe.needs_unlabeled and n_unlabeled else None
-    )
+    unlabeled_batches = None
+    if recipe.needs_unlabeled and n_unlabeled and streamed:
+        # a restored run starts a new pass of the stream (see segrl.data.stream)
+        unlabeled_batches = streamed_batches(
+            shard_passes(ray.train.get_dataset_shard(UNLABELED_STREAM), n_unlabeled, tcfg.seed + 1),
+            sample_kinds(unlabeled_source.transform.pre(unlabeled_source.raw(0))),
+            unlabeled_source.transform.post, first_pass=step)
+    elif recipe.needs_unlabeled and n_unlabeled:
+        unlabeled_batches = cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1,
+                                          cfg.data.loader_workers, step)
     target_batches = (
         cycle_batches(sets.target_labeled, n_target, rank, world, tcfg.seed + 2, cfg.data.loader_workers, step)
         if sets.target_labeled is not None and n_target else None
@@ -595,6 +680,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "threads": threads.threads,
             **{name: progress.mean(name) for name in progress.sums if name != "loss"},
         }
+        if streamed and unlabeled_batches is not None:
+            # the unlabeled images this epoch's steps drew from the Ray Data stream, all workers
+            summary["streamed_unlabeled_images"] = progress.steps * n_unlabeled * world
         progress = EpochProgress()
         last_epoch = epoch + 1 == epochs
         # the run's time outside training steps: this epoch's evaluation, the last checkpoint

@@ -421,6 +421,17 @@ class DistillRecipe(Recipe):
         return {"loss": total, "loss_x": f.loss_x.detach(), "loss_u": kl.detach()}, outputs
 
 
+def unlabeled_draws(cfg: MethodConfig) -> str | None:
+    """Which set the recipe ``cfg`` names draws unlabeled batches from, known before it is
+    built (the driver plans the stream of that set): ``"pseudo"`` (offline pseudo labels),
+    ``"unlabeled"``, or None. What the built recipe's ``needs_unlabeled`` says."""
+    recipe = {"supervised": SupervisedRecipe, "mean_teacher": MeanTeacherRecipe, "pseudo_label": PseudoLabelRecipe,
+              "proda": ProdaRecipe, "distill": DistillRecipe}[cfg.name]
+    if not (recipe.uses_unlabeled or cfg.labor_selector):  # LaborTerm is the one term that draws them
+        return None
+    return "pseudo" if recipe.needs_pseudo else "unlabeled"
+
+
 def build_recipe(
     cfg: MethodConfig, model: nn.Module, class_pixel_counts: torch.Tensor | None, ignore_index: int, seed: int,
     endpoint_url: str | None = None, class_weight: torch.Tensor | None = None,

@@ -23,14 +23,20 @@ def losses(metrics: dict) -> list[float]:
     return [epoch["loss"] for epoch in metrics["history"]]
 
 
-def test_proda_with_contrastive_and_adversarial_terms_then_distillation(tmp_path: Path):
+def test_proda_with_contrastive_and_adversarial_terms_then_distillation(tmp_path: Path, capfd):
+    """ProDA's unlabeled target streams through Ray Data into both workers (as a pool too large
+    for the frame cache would), decoded by Ray Data tasks on the CPU the workers leave."""
     # ProDA starts from a source-only model in practice; from scratch is enough to check the parts
     proda = train(load_config(overrides=[
         *TINY, f"store.root={tmp_path}", "name=proda", "train.epochs=3", "method.name=proda",
         "method.lambda_contrastive=0.1", "method.contrastive_threshold=0.0",
-        "method.lambda_adv=0.01", "train.snapshots=1",
+        "method.lambda_adv=0.01", "train.snapshots=1", "data.stream_unlabeled=always",
     ]))
     history = proda.metrics["history"]
+    assert "[segrl] unlabeled set: streamed through Ray Data" in capfd.readouterr().out
+    # every step of every epoch drew its unlabeled batch from the stream: 16 frames / 2 workers /
+    # batch 4 = 2 steps an epoch, 4 unlabeled images a step, on 2 workers
+    assert [epoch["streamed_unlabeled_images"] for epoch in history] == [16, 16, 16]
     assert all(math.isfinite(v) for v in losses(proda.metrics))
     assert losses(proda.metrics)[-1] < losses(proda.metrics)[0]
     # every term ran: its mean is logged per epoch
