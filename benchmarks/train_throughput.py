@@ -7,7 +7,9 @@ ClassMix (every step a mean-teacher step: no cold start):
 (a) plain loop, one process, on frames decoded and resized once into uint8 tensors in
     memory, with batched random scale / crop / flip (``batch_weak_views``): the reference;
 (b) plain loop over a DataLoader that decodes the PNGs every epoch;
-(c) segrl on Ray Train, 1 worker; (d) 2 workers (the threads split between them).
+(c) segrl on Ray Train, 1 worker; (d) 2 workers (the threads split between them);
+(e) for the recipes that draw unlabeled batches: (c) with the unlabeled set streamed through
+    Ray Data (``data.stream_unlabeled=always``: Ray Data tasks decode it on the same cores).
 
 The mean-teacher step is segrl's own recipe in every contender (``recipe.losses``:
 teacher forward on the weak view, ClassMix, strong views, one student forward). Time is
@@ -69,7 +71,7 @@ BATCH, SIZE = 8, (180, 240)
 
 
 def experiment(setting: dict, recipe: str, threads: int, workers: int, root: str, data_root: str,
-               cache: bool = True):
+               cache: bool = True, *extra: str):
     return load_config("configs/camvid_supervised.yaml", overrides=[
         f"name=throughput_{recipe}_{workers}w",
         f"store.root={root}",
@@ -85,6 +87,7 @@ def experiment(setting: dict, recipe: str, threads: int, workers: int, root: str
         f"compute.cpus_per_worker={max(threads // workers, 1)}",
         f"compute.threads_per_worker={max(threads // workers, 1)}",
         *RECIPES[recipe],
+        *extra,
     ])
 
 
@@ -225,6 +228,13 @@ def run_contenders(args, setting: dict, rows: list[dict]) -> str:
                 ray_cfg = experiment(setting, recipe, args.threads, workers, root, args.data_root)
                 contenders.append((f"({'c' if workers == 1 else 'd'}) segrl Ray Train, {workers} worker"
                                    f"{'s' if workers > 1 else ''}", partial(ray_seconds_and_steps, ray_cfg)))
+            if recipe != "supervised":
+                # the worker holds all but the decode tasks' CPU; its threads still take both cores
+                streamed_cfg = experiment(setting, recipe, args.threads, 1, root, args.data_root, True,
+                                          "data.stream_unlabeled=always", f"compute.cpus_per_worker={args.threads - 0.5}",
+                                          "data.stream_decode_cpus=0.5", f"name=throughput_{recipe}_streamed")
+                contenders.append(("(e) segrl Ray Train, 1 worker, unlabeled set streamed through Ray Data",
+                                   partial(ray_seconds_and_steps, streamed_cfg)))
             for name, run in contenders:
                 seconds, steps = run()
                 images = steps * BATCH * (2 if name.startswith("(d)") else 1)  # (d): two batches a step

@@ -10,8 +10,9 @@ avoided most of that collapse but cost about 10% on an idle machine, so segrl in
 as many threads as there are cores nobody else is using, never more than it was granted,
 and looks again every few seconds (``torch.set_num_threads`` may change between steps).
 
-The machine's load comes from ``/proc/stat`` (all CPUs' busy time) less this process's own
-CPU time, so the governor's own threads never count against it. Time spent by processes
+The machine's load comes from ``/proc/stat`` (all CPUs' busy time) less the CPU time of this
+process and of its child processes (its DataLoader workers, which do its work), so neither
+its own threads nor its loaders count against it. Time spent by processes
 niced below this one is left out: the kernel gives this process their cores when it wants
 them. Where ``/proc/stat`` does not exist the granted count is kept.
 """
@@ -22,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
@@ -32,13 +33,15 @@ CHECK_EVERY_S = 5.0  # between looks at the machine's load: a step is 0.1-1 s on
 @dataclass(frozen=True)
 class CpuSample:
     """A moment's CPU clocks: the machine's busy and total seconds over every CPU, in ticks,
-    the part of busy spent by niced processes, and this process's own CPU seconds."""
+    the part of busy spent by niced processes, this process's own CPU seconds and those of
+    each of its live child processes."""
 
     wall: float
     busy_ticks: int
     nice_ticks: int
     total_ticks: int
     own_cpu_s: float
+    children_cpu_s: dict[int, float] = field(default_factory=dict)  # live child processes', by pid
 
 
 def parse_proc_stat(text: str) -> tuple[int, int, int]:
@@ -64,7 +67,10 @@ def busy_elsewhere(before: CpuSample, after: CpuSample, cpus: int, count_niced: 
     if not count_niced:
         busy -= after.nice_ticks - before.nice_ticks
     machine = cpus * busy / ticks
-    own = (after.own_cpu_s - before.own_cpu_s) / wall
+    # a child that started in between spent all its time in between; one that ended took
+    # its last stretch with it (unknowable, and short: the governor looks every few seconds)
+    children = sum(cpu - before.children_cpu_s.get(pid, 0.0) for pid, cpu in after.children_cpu_s.items())
+    own = (after.own_cpu_s - before.own_cpu_s + children) / wall
     return min(float(cpus), max(0.0, machine - own))
 
 
@@ -89,13 +95,39 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def children_cpu_s(pid: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system) of each live child process of ``pid`` (this process), from
+    ``/proc/<pid>/task/*/children`` and each child's ``/proc/<child>/stat``; ``{}`` where
+    those cannot be read."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found: dict[int, float] = {}
+    try:
+        threads = list(tasks.iterdir())
+    except OSError:
+        return found
+    for thread in threads:
+        try:
+            kids = (thread / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                # after the command's closing parenthesis: state is field 3, utime 14, stime 15
+                fields = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()
+                found[int(kid)] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                continue  # it ended meanwhile
+    return found
+
+
 def read_sample() -> CpuSample | None:
     """Now's clocks, or None where ``/proc/stat`` cannot be read."""
     try:
         busy, nice, total = parse_proc_stat(PROC_STAT.read_text())
     except (OSError, ValueError):
         return None
-    return CpuSample(time.monotonic(), busy, nice, total, time.process_time())
+    return CpuSample(time.monotonic(), busy, nice, total, time.process_time(), children_cpu_s())
 
 
 class ThreadGovernor:

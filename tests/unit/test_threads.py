@@ -1,3 +1,5 @@
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -8,6 +10,7 @@ from segrl.threads import (
     CpuSample,
     ThreadGovernor,
     busy_elsewhere,
+    children_cpu_s,
     choose_threads,
     granted_threads,
     parse_proc_stat,
@@ -113,7 +116,8 @@ def test_governor_that_does_not_adapt_keeps_the_most():
 
 def test_a_real_busy_process_takes_a_core_from_the_governor():
     cpus = usable_cpus()
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # a grandchild (under a shell that waits): another process's work, as a child's is not
+    busy = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'while True: pass'; true"], start_new_session=True)
     try:
         time.sleep(0.5)  # the child is running
         before = read_sample()
@@ -126,5 +130,29 @@ def test_a_real_busy_process_takes_a_core_from_the_governor():
         governor.step()
         assert governor.threads <= max(1, cpus - 1)
     finally:
-        busy.kill()
+        os.killpg(busy.pid, signal.SIGKILL)
         busy.wait()
+
+
+def test_a_busy_child_process_does_its_parents_work_and_takes_no_core_from_it():
+    """A DataLoader worker is a child of the training process: its CPU is the process's own."""
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        before = read_sample()
+        time.sleep(1.5)
+        after = read_sample()
+        assert after.children_cpu_s[child.pid] - before.children_cpu_s[child.pid] >= 0.7  # it ran
+        assert busy_elsewhere(before, after, usable_cpus(), count_niced=False) < 0.5
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in children_cpu_s()
+
+
+def test_children_time_counts_only_what_they_spent_between_two_samples():
+    # 2 CPUs for 10 s, all busy; this process 5 CPU-s; child 7 ran 4 s of it (6 before),
+    # child 9 started in between and ran 3 s, child 8 ended: 2 CPUs - 1.2 = 0.8 elsewhere
+    before = CpuSample(0.0, 0, 0, 0, 0.0, {7: 6.0, 8: 1.0})
+    after = CpuSample(10.0, 2000, 0, 2000, 5.0, {7: 10.0, 9: 3.0})
+    assert busy_elsewhere(before, after, cpus=2, count_niced=True) == pytest.approx(0.8)
