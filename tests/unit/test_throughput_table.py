@@ -49,3 +49,12 @@ def test_results_are_written_with_the_run_config(tp, tmp_path):
     assert written["rows"][0]["labeled_images_per_s"] == 20.0
     assert written["config"]["compute"]["threads_per_worker"] == 2
     assert (tmp_path / "train_throughput_small.md").read_text().startswith("Training throughput")
+
+
+def test_the_first_epoch_warms_up_and_is_not_timed(tp, monkeypatch):
+    clock = iter([0.0, 9.0, 10.0, 12.0, 20.0, 23.0])  # epochs of 9, 2 and 3 s
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: next(clock))
+    steps = iter([5, 4, 6])
+    assert tp.timed_epochs(3, lambda: next(steps)) == (5.0, 10)
+    clock, steps = iter([0.0, 9.0]), iter([5])
+    assert tp.timed_epochs(1, lambda: next(steps)) == (9.0, 5)  # one epoch: it is all there is
