@@ -111,10 +111,11 @@ def without_clock(history: list[dict]) -> list[dict]:
 
 # store.root: where the run lives, not what it computes, so a run folder can be moved or copied;
 # data.cache_bytes and store.retry_seconds change speed and patience, not results; streaming
-# changes speed and which unlabeled batches a resumed run draws (segrl.data.stream)
+# changes speed and which unlabeled batches a resumed run draws (segrl.data.stream); loader
+# processes change speed and the augmentation streams, not their distribution
 RESUMABLE_CHANGES = ("train.epochs", "train.steps", "al.rounds", "train.log_every_steps", "train.eval_every_epochs",
                      "store.root", "data.cache_bytes", "store.retry_seconds", "compute.adapt_threads",
-                     "data.stream_unlabeled", "data.stream_decode_cpus")
+                     "data.stream_unlabeled", "data.stream_decode_cpus", "data.loader_workers")
 
 
 @dataclass(frozen=True)
