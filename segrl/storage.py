@@ -201,6 +201,18 @@ _S3_CACHE_LOCK = threading.Lock()
 _LOCAL_FS = pafs.LocalFileSystem()
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled as the settings it was made from: pyarrow's own pickle
+    drops the retry strategy and the timeouts, so the Ray processes that receive it (Ray
+    Train's controller and workers write checkpoints and snapshots through it) would give up
+    on an outage after the SDK's default attempts instead of ``sdk_attempts``."""
+
+    settings: tuple[str | None, str, int]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_s3_filesystem, self.settings)
+
+
 def _s3_filesystem(endpoint_url: str | None, region: str, attempts: int = MAX_ATTEMPTS) -> pafs.S3FileSystem:
     """Cached S3 filesystem for (endpoint, region, credentials, attempts per request).
 
@@ -221,7 +233,8 @@ def _s3_filesystem(endpoint_url: str | None, region: str, attempts: int = MAX_AT
             if endpoint_url:
                 scheme, host = _split_endpoint(endpoint_url)
                 options.update(endpoint_override=host, scheme=scheme)
-            fs = pafs.S3FileSystem(**options)
+            fs = _S3FileSystem(**options)
+            fs.settings = (endpoint_url, region, attempts)
             _S3_CACHE[key] = fs
         return fs
 

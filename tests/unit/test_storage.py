@@ -597,3 +597,17 @@ def test_a_write_during_a_short_outage_completes_and_a_tiny_budget_fails_naming_
         assert store.list() == ["before.bin", "during.bin"]  # nothing half-written, no temp object
     finally:
         server.stop()
+
+
+def test_the_s3_filesystem_handed_to_ray_keeps_its_retries_when_pickled():
+    """pyarrow's own pickle of an S3FileSystem drops its retry strategy and timeouts: Ray
+    Train's controller and workers, which receive it pickled, would then give up on an outage
+    after the SDK's default attempts."""
+    import pickle
+
+    from segrl.storage import _s3_filesystem
+
+    fs = ArtifactStore("s3://bucket/run", endpoint_url="http://127.0.0.1:9", retry_seconds=120).ray_filesystem
+    again = pickle.loads(pickle.dumps(fs))
+    assert again.settings == fs.settings == ("http://127.0.0.1:9", "us-east-1", sdk_attempts(120))
+    assert again is _s3_filesystem(*fs.settings)  # rebuilt from the settings (this process's cached one)
