@@ -59,6 +59,12 @@ class CachedFrames(Dataset):
         return getattr(self.dataset, name)
 
 
+def has_cacheable_stage(dataset: Dataset | None) -> bool:
+    """Whether ``dataset`` decodes in two stages (``raw``, ``transform.pre`` / ``post``), so
+    that its frames can be kept (or streamed) at their deterministic ``pre`` stage."""
+    return dataset is not None and hasattr(dataset, "raw") and hasattr(getattr(dataset, "transform", None), "pre")
+
+
 def frame_bytes(dataset: Dataset) -> int:
     """Bytes of one frame of ``dataset`` at its cacheable stage (its first frame's)."""
     return sample_bytes(dataset.transform.pre(dataset.raw(0)))
@@ -70,7 +76,7 @@ def cache_frames(dataset: Dataset | None, max_bytes: int) -> tuple[Dataset | Non
     checked as frames are decoded: a set that turns out larger stays uncached."""
     if dataset is None or len(dataset) == 0:
         return dataset, None
-    if not (hasattr(dataset, "raw") and hasattr(getattr(dataset, "transform", None), "pre")):
+    if not has_cacheable_stage(dataset):
         return dataset, CacheReport(len(dataset), 0, False, "its frames have no cacheable stage")
     if max_bytes <= 0:
         return dataset, CacheReport(len(dataset), 0, False, "data.cache_bytes = 0")

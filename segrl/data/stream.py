@@ -119,12 +119,6 @@ def decode_rows(batch: dict[str, np.ndarray], dataset: Dataset) -> dict[str, np.
     return samples_to_columns([pre(dataset.raw(int(i))) for i in batch["index"]])
 
 
-def can_stream(dataset: Dataset | None) -> bool:
-    """Whether ``dataset`` has the two stages streaming splits (``raw``, ``transform.pre/post``)."""
-    return (dataset is not None and hasattr(dataset, "raw")
-            and hasattr(getattr(dataset, "transform", None), "pre"))
-
-
 def frame_stream(dataset: Dataset, seed: int, decode_cpus: float, progress_bars: bool = False) -> Any:
     """A Ray Data dataset of ``dataset``'s frames at their ``transform.pre`` stage, in a
     seeded order, decoded lazily by tasks of ``decode_cpus`` CPUs each."""

@@ -53,9 +53,6 @@ from segrl.console import (
 )
 from segrl.storage import ArtifactStore, open_store
 from segrl.threads import ThreadGovernor, granted_threads
-
-if TYPE_CHECKING:  # the data modules import torchvision: Ray Train's controller, which loads this module, needs none
-    from segrl.data.build import TrainingSets
 from segrl.training import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
@@ -69,6 +66,9 @@ from segrl.training import (
     set_generator_states,
     set_rng_state,
 )
+
+if TYPE_CHECKING:  # the data modules import torchvision: Ray Train's controller, which loads this module, needs none
+    from segrl.data.build import TrainingSets
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -352,16 +352,17 @@ def unlabeled_stream(cfg: ExperimentConfig, sets: TrainingSets) -> dict[str, Any
     Says which, once, for a run that draws unlabeled batches."""
     import ray
 
-    from segrl.data.cache import frame_bytes
-    from segrl.data.stream import UNLABELED_STREAM, can_stream, frame_stream, plan_stream
+    from segrl.data.cache import frame_bytes, has_cacheable_stage
+    from segrl.data.stream import UNLABELED_STREAM, frame_stream, plan_stream
     from segrl.methods.recipes import unlabeled_draws
 
     which = unlabeled_draws(cfg.method)
     source = getattr(sets, which) if which else None
-    if not can_stream(source):
+    if not has_cacheable_stage(source):
         return {}
     # the worker's cache takes the labeled sets first (segrl.data.cache.cache_training_sets)
-    cached_first = sum(frame_bytes(d) * len(d) for d in (sets.labeled, sets.target_labeled) if can_stream(d))
+    cached_first = sum(frame_bytes(d) * len(d) for d in (sets.labeled, sets.target_labeled)
+                       if has_cacheable_stage(d))
     plan = plan_stream(cfg.data.stream_unlabeled, len(source), frame_bytes(source),
                        cfg.data.cache_bytes - cached_first)
     say(plan.line(f"{which} set"))
@@ -595,15 +596,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             say(f"[segrl] run '{cfg.run_name}': resumed from step {step}")
     # one batch of each per step so far: a restored run draws the ones that come next
     unlabeled_batches = None
-    if recipe.needs_unlabeled and n_unlabeled and streamed:
-        # a restored run starts a new pass of the stream (see segrl.data.stream)
-        unlabeled_batches = streamed_batches(
-            shard_passes(ray.train.get_dataset_shard(UNLABELED_STREAM), n_unlabeled, tcfg.seed + 1),
-            sample_kinds(unlabeled_source.transform.pre(unlabeled_source.raw(0))),
-            unlabeled_source.transform.post, first_pass=step)
-    elif recipe.needs_unlabeled and n_unlabeled:
-        unlabeled_batches = cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1,
-                                          cfg.data.loader_workers, step)
+    if recipe.needs_unlabeled and n_unlabeled:
+        if streamed:  # a restored run starts a new pass of the stream (see segrl.data.stream)
+            unlabeled_batches = streamed_batches(
+                shard_passes(ray.train.get_dataset_shard(UNLABELED_STREAM), n_unlabeled, tcfg.seed + 1),
+                sample_kinds(unlabeled_source.transform.pre(unlabeled_source.raw(0))),
+                unlabeled_source.transform.post, first_pass=step)
+        else:
+            unlabeled_batches = cycle_batches(unlabeled_source, n_unlabeled, rank, world, tcfg.seed + 1,
+                                              cfg.data.loader_workers, step)
     target_batches = (
         cycle_batches(sets.target_labeled, n_target, rank, world, tcfg.seed + 2, cfg.data.loader_workers, step)
         if sets.target_labeled is not None and n_target else None
