@@ -1,7 +1,7 @@
 """The STAL active-learning loop: select -> label -> train -> score, round after round.
 
     python jobs/stal_loop.py                                   # built-in: synthetic scenes, local Ray
-    python jobs/stal_loop.py --config configs/camvid_stal.yaml data.root=../shared/data/camvid
+    python jobs/stal_loop.py --config configs/camvid.yaml data.root=../shared/data/camvid   # the CamVid default: clicks
     ray job submit -- python jobs/stal_loop.py --config ... store.root=s3://bucket/runs
     python jobs/stal_loop.py --config ... --resume <run>        # or rerun with the same run name
 

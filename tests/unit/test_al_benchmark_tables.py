@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from _benchmarks import load_benchmark
+
+from segrl.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,19 @@ def test_a_row_whose_rounds_trained_other_steps_is_refused(al):
     with pytest.raises(RuntimeError, match=r"runs/x\): round 1 trained 1000 steps, not the setting's 2000"):
         al.check_equal_steps("pixelpick_points@20", "runs/x",
                              [{"round": 0, "steps": 2000}, {"round": 1, "steps": 1000}], 2000)
+
+
+def test_the_camvid_default_config_is_the_benchmarked_click_loop(al):
+    """configs/camvid.yaml is what the README's numbers describe: pixelpick_points@20, supervised, equal steps."""
+    default = Path(__file__).resolve().parents[2] / "configs" / "camvid.yaml"
+    shipped = load_config(default)
+    benchmarked_al = [o for o in al.common(al.SETTINGS["full"], "data", "runs") if o.startswith("al.")]
+    benchmarked = load_config(default, [*al.ROWS["pixelpick_points@20"], *al.RECIPES["supervised"], *benchmarked_al])
+    assert shipped.al == benchmarked.al  # the row's overrides change nothing in the shipped loop
+    assert shipped.method.name == benchmarked.method.name == "supervised"
+    assert shipped.train.steps == al.SETTINGS["full"]["steps"]
+    assert tuple(shipped.data.base_size) == al.SETTINGS["full"]["size"]
+    # 10 random + 10 PixelPick clicks in every one of CamVid train's frames: 20 per image
+    per_image = shipped.al.initial_points_per_image + shipped.al.budget_per_round / al.POOL_IMAGES
+    assert per_image == 20 and shipped.al.budget_per_round == shipped.al.points_per_image * al.POOL_IMAGES
+

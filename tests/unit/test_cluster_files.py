@@ -33,7 +33,7 @@ EXPECTED = (
 # Named by cluster/kuberay/rayjob.yaml before they exist: lands with the loop issue.
 UPCOMING: frozenset[str] = frozenset()  # files cluster/ may name before they exist
 
-STAL_ENTRYPOINT = "python jobs/stal_loop.py --config configs/camvid_stal.yaml"
+LOOP_ENTRYPOINT = "python jobs/stal_loop.py --config configs/camvid.yaml"
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 LOOPBACK = "127.0.0.1"
 
@@ -299,7 +299,7 @@ def test_kuberay_s3_credentials_come_from_a_secret(name: str) -> None:
 def test_rayjob_runs_the_loop_with_a_clean_runtime_env() -> None:
     (job,) = load("kuberay/rayjob.yaml")
     assert job["kind"] == "RayJob"
-    assert " ".join(job["spec"]["entrypoint"].split()).startswith(STAL_ENTRYPOINT)
+    assert " ".join(job["spec"]["entrypoint"].split()).startswith(LOOP_ENTRYPOINT)
     text = (CLUSTER / "kuberay/rayjob.yaml").read_text()
     alternative = [ln for ln in text.splitlines() if ln.lstrip().startswith("#")]
     assert any(
