@@ -63,10 +63,10 @@ def test_targets_say_met_missed_or_not_measured_from_the_tables_numbers(al):
     assert "20 clicks/img (supervised): best active row pixelpick_points 39.00 vs random_points 30.00: +9.00 mIoU, " \
            "needed > 2.00: met (n = 3 and 3)" in text
     assert "~5.5% pixels (supervised): best active row region_entropy 31.00 vs random_images 30.00: +1.00 mIoU, " \
-           "needed > 0.00: met" in text
+           "needed > 0.00: met on one seed, spread not known (n = 1 and 1)" in text
     assert "~10% pixels (supervised): best active row entropy_images 37.00 vs random_images 36.00" in text
     assert "no later round below the one before beyond the seeds' spread: MISSED: region_entropy (supervised) " \
-           "round 2: -2.00 mIoU" in text
+           "round 2: -2.00 mIoU (n = 1)" in text
 
 
 def test_a_small_gain_within_two_miou_is_missed_at_few_clicks(al):
