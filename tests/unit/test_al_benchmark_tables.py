@@ -114,3 +114,18 @@ def test_an_active_row_is_compared_with_random_on_the_seeds_both_ran(al):
     assert "~5.5% pixels (supervised): best active row ripu_regions 46.00 vs random_images 43.00: +3.00 mIoU, " \
            "needed > 0.00: met on one seed, spread not known (n = 1 and 1)" in text
     assert "~10% pixels (supervised): best active row ripu_regions 47.00 vs random_images 43.00: +4.00" in text
+
+
+def test_the_best_row_is_the_best_of_the_most_seeds_and_its_per_seed_gaps_are_shown(al):
+    ref = {"val_miou": 0.50}
+    results = {
+        **{f"i{s}": image_row(al, "random_images", s, *m)
+           for s, m in enumerate(((0.41, 0.43, 0.43), (0.24, 0.25, 0.41), (0.23, 0.25, 0.36)))},
+        **{f"r{s}": image_row(al, "ripu_regions", s, *m)
+           for s, m in enumerate(((0.41, 0.46, 0.47), (0.24, 0.36, 0.45), (0.23, 0.42, 0.42)))},
+        "l0": image_row(al, "labor_spl", 0, 0.41, 0.48, 0.45),  # one seed, a higher mean
+    }
+    text = "\n".join(al.target_lines(al.budget_groups(results), ref, results))
+    # 41.33 +- 5.03 vs 31.00 +- 10.39: +10.33 within 15.43, though ahead on every seed
+    assert "~5.5% pixels (supervised): best active row ripu_regions 41.33 vs random_images 31.00: +10.33 mIoU, " \
+           "needed > 15.43: MISSED (n = 3 and 3); ahead on 3 of 3 seeds (+3.00 / +11.00 / +17.00)" in text
