@@ -100,7 +100,6 @@ def test_the_camvid_default_config_is_the_benchmarked_click_loop(al):
     assert per_image == 20 and shipped.al.budget_per_round == shipped.al.points_per_image * al.POOL_IMAGES
 
 
-
 def test_an_active_row_is_compared_with_random_on_the_seeds_both_ran(al):
     """Seed 0's lucky random images start its region loop too: against the mean of three
     random seeds the one-seed region row would look far better than it is."""
