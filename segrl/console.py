@@ -13,9 +13,12 @@ import copy
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from segrl import stderr_filter
 
 VERBOSE_ENV = "SEGRL_VERBOSE"
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
@@ -25,6 +28,15 @@ HARMLESS_RAY_WARNINGS = (
     # a streamed training set's own context turns its bars off (segrl.data.stream)
     "Progress bars disabled. To enable, set",
 )
+
+# Lines Ray's C++ core writes straight to the driver's stderr, where no logging filter reaches.
+HARMLESS_NATIVE_LINES = (
+    # Ray Data hands every actor it starts its context and map function as object refs, which
+    # it holds for the pool's whole life, and sets max_restarts=-1 for fault tolerance; Ray's
+    # core worker flags each such actor with an "E" line (ray-project/ray#57733, one per actor)
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+_native_filter: subprocess.Popen | None = None
 
 
 def verbose() -> bool:
@@ -72,6 +84,7 @@ def init_ray_quietly(address: str, **init_kwargs) -> None:
     import ray
 
     hide_harmless_warnings()
+    filter_native_stderr()
     ray.init(address=address, **ray_init_kwargs(), **init_kwargs)
     quiet_ray_data()
 
@@ -183,6 +196,27 @@ def hide_harmless_warnings() -> None:
 
     if not verbose():
         _filter_console(logging.getLogger("ray"), _HideHarmless())
+
+
+def filter_native_stderr(drop: tuple[str, ...] = HARMLESS_NATIVE_LINES) -> None:
+    """Drop ``drop``'s lines from what this process writes to file descriptor 2 (no-op when
+    verbose, or when already done).
+
+    Descriptor 2 becomes a pipe to ``segrl/stderr_filter.py``, run as a child process that
+    writes everything else to the real stderr as it arrives, so Ray's C++ lines are filtered
+    too; the processes this one starts inherit the pipe. A terminal's width goes to
+    ``COLUMNS``, which progress bars read when their stream is no terminal.
+    """
+    global _native_filter
+    if verbose() or _native_filter is not None:
+        return
+    if os.isatty(2):
+        os.environ.setdefault("COLUMNS", str(os.get_terminal_size(2).columns))
+    _native_filter = subprocess.Popen(
+        [sys.executable, stderr_filter.__file__, *drop], stdin=subprocess.PIPE, close_fds=True)
+    sys.stderr.flush()
+    os.dup2(_native_filter.stdin.fileno(), 2)
+    _native_filter.stdin.close()  # descriptor 2 is now the pipe's only write end here
 
 
 def exit_now(code: int) -> None:

@@ -61,7 +61,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 ROUND_STEPS = ["00/select", "00/label", "00/train", "00/score", "01/select", "01/label", "01/train"]
-RAY_NOISE = re.compile(r"Reporting training result|Checkpoint successfully created|PreemptionWatcher|\sINFO\s")
+RAY_NOISE = re.compile(r"Reporting training result|Checkpoint successfully created|PreemptionWatcher|\sINFO\s"
+                       r"|constructor arguments in the object store")
 
 
 def test_killed_labor_loop_resumes_without_repeating_a_step_and_asks_disagreement_pixels(tmp_path: Path, ray_cluster):
