@@ -24,6 +24,7 @@ resumes inside its loop) and rewrites its table, JSON and plot after every row.
     python benchmarks/al_camvid.py --setting full           # 180x240, 2750 steps
     python benchmarks/al_camvid.py --rows random_points@20,pixelpick_points@20 --seeds 0,1,2
     python benchmarks/al_camvid.py --list                   # the rows and their order
+    python benchmarks/al_camvid.py --hold-out-near-val 10   # pool without the frames 10 s from val
 
 Writes benchmarks/results/al_camvid_<setting>.{json,md,png} and prints the table.
 """
@@ -41,6 +42,7 @@ SETTINGS = {
     "full": {"size": (180, 240), "steps": 2750, "region": (32, 32), "batch": 8},
 }
 POOL_IMAGES = 367  # CamVid train: a per-image click budget x this covers every image
+CAMVID_FPS = 30  # CamVid's ids number the frames of 30 Hz video
 IMAGE_LOOP = ["al.initial_labeled=4", "al.rounds=2", "al.budget_per_round=0.045", "al.budget_unit=share"]
 RECIPES = {
     "supervised": ["method.name=supervised"],
@@ -141,6 +143,34 @@ def run_row(base: list[str], row: str, recipe: str, seed: int, steps: int) -> di
             "seconds": time.perf_counter() - started, "run": summary.run_uri}
 
 
+def frames_near(ids: list[str], reference_ids: list[str], seconds: float, fps: float = CAMVID_FPS) -> list[str]:
+    """The ``ids`` filmed within ``seconds`` of a reference frame of the same sequence.
+
+    A CamVid id is ``<sequence>_<frame number>`` (``0016E5_07959``; ``Seq05VD_f00000``), numbered at the video's
+    frame rate, so two frames of one sequence lie ``|a - b| / fps`` seconds apart.
+    """
+    def parts(sample_id: str) -> tuple[str, int]:
+        sequence, number = sample_id.rsplit("_", 1)
+        return sequence, int(number.lstrip("f") or 0)
+
+    by_sequence: dict[str, list[int]] = {}
+    for sample_id in reference_ids:
+        sequence, number = parts(sample_id)
+        by_sequence.setdefault(sequence, []).append(number)
+    reach = seconds * fps
+    return sorted(sample_id for sample_id in ids
+                  if any(abs(parts(sample_id)[1] - n) <= reach for n in by_sequence.get(parts(sample_id)[0], ())))
+
+
+def held_out_file(data_root: str, store: str, seconds: float) -> str:
+    """A file in the store listing the train frames within ``seconds`` of a val frame."""
+    split_ids = {split: sorted(p.stem for p in (Path(data_root) / split).glob("*.png")) for split in ("train", "val")}
+    path = Path(store) / f"held_out_within_{seconds:g}s_of_val.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{i}\n" for i in frames_near(split_ids["train"], split_ids["val"], seconds)))
+    return str(path)
+
+
 def check_equal_steps(row: str, run_uri: str, rounds: list[dict], steps: int) -> None:
     """Every round of a row trained exactly the setting's ``steps``, else a RuntimeError
     naming the run and the round: a row of unequal steps is not comparable."""
@@ -173,6 +203,9 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the full-supervision runs")
     parser.add_argument("--steps", type=int, default=0,
                         help="a quick check with other steps; its tables get their own file names")
+    parser.add_argument("--hold-out-near-val", type=float, default=0.0, metavar="SECONDS",
+                        help="leave train frames filmed within SECONDS of a val frame out of the pool and the "
+                             "reference (CamVid val is one clip; its tables get their own file names)")
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     args = parser.parse_args()
     plan = PLAN
@@ -191,12 +224,19 @@ def main() -> None:
         return
     setting = dict(SETTINGS[args.setting], **({"steps": args.steps} if args.steps else {}))
     tag = args.setting + (f"_steps{args.steps}" if args.steps else "")
+    if args.hold_out_near_val:
+        tag += f"_holdout{args.hold_out_near_val:g}s"
     store = str(Path(args.store).resolve()) + f"_{tag}"
     out = Path(__file__).parent / "results" / f"al_camvid_{tag}.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
     results = saved.get("results", {}) if saved.get("steps") == setting["steps"] else {}
     reference = saved.get("reference", {}) if saved.get("steps") == setting["steps"] else {}
     base = common(setting, args.data_root, store)
+    if args.hold_out_near_val:
+        excluded = held_out_file(args.data_root, store, args.hold_out_near_val)
+        base.append(f"data.exclude_ids={excluded}")
+        setting.update(held_out_seconds=args.hold_out_near_val,
+                       pool_images=POOL_IMAGES - len(Path(excluded).read_text().split()))
     for item in plan:
         if item[0] == "reference":
             steps = item[1] * setting["steps"]
@@ -223,25 +263,25 @@ def main() -> None:
 PIXEL_BUDGETS = ("~1% pixels", "~5.5% pixels", "~10% pixels")
 
 
-def points(result: dict) -> list[dict]:
+def points(result: dict, pool_images: int = POOL_IMAGES) -> list[dict]:
     """One entry per round of a row: its budget, labeled share and mIoU."""
     entries = []
     for r in result["rounds"]:
         if result["row"] in POINT_ROWS:
-            budget = f"{round(r['clicks'] / POOL_IMAGES)} clicks/img"
+            budget = f"{round(r['clicks'] / pool_images)} clicks/img"
         else:
             budget = PIXEL_BUDGETS[r["round"]]
         entries.append({"budget": budget, "share": r["labeled_share"], "miou": r["val_miou"], "round": r["round"]})
     return entries
 
 
-def budget_groups(results: dict) -> dict[tuple[str, str], dict[str, list[dict]]]:
+def budget_groups(results: dict, pool_images: int = POOL_IMAGES) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """(budget, recipe) -> method -> [one entry per seed]. Round 0 of a loop is what it
     labeled: random clicks (point loops) or random images, so it joins those methods; a
     seed's entry that two loops share (the same round 0) counts once."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for result in results.values():
-        for entry in points(result):
+        for entry in points(result, pool_images):
             method = result["row"].split("@")[0]
             if entry["round"] == 0 and method != "random_images":
                 method = "random_points" if result["row"] in POINT_ROWS else "random_images"
@@ -352,9 +392,14 @@ def save(out: Path, name: str, setting: dict, reference: dict, results: dict) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"setting": name, **setting, "reference": reference, "results": results}, indent=2))
     ref = reference.get(str(setting["steps"]))
+    pool_images = setting.get("pool_images", POOL_IMAGES)
     lines = [f"# CamVid label efficiency, setting '{name}'", "",
              f"{setting['size'][0]}x{setting['size'][1]}, batch {setting['batch']}, LR-ASPP MobileNetV3-Large from "
              f"scratch, AdamW one-cycle; every training run {setting['steps']} optimiser steps; val mIoU (%).", ""]
+    if setting.get("held_out_seconds"):
+        lines += [f"Train frames filmed within {setting['held_out_seconds']:g} s of a val frame (same sequence, "
+                  f"{POOL_IMAGES - pool_images} of {POOL_IMAGES}) are held out of the pool and of the reference: "
+                  f"val is one clip, and frames beside it reward covering it.", ""]
     lines += ["## Reference: full supervision", "", "| steps | val mIoU % | wall time |", "| ---: | ---: | ---: |"]
     for steps, r in sorted(reference.items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {steps} | {100 * r['val_miou']:.2f} | {r['seconds'] / 60:.1f} min |")
@@ -365,12 +410,12 @@ def save(out: Path, name: str, setting: dict, reference: dict, results: dict) ->
         lines += ["", f"Doubling the steps: {gain:+.2f} mIoU: {verdict}."]
     lines += ["", "## By budget", "",
               "mean ± std over seeds (n); % of full = of the reference at the rows' steps; labeled share = of the "
-              "pool's original pixels (367 frames of 360x480), a click labels one pixel. Rows with other seeds "
+              f"pool's original pixels ({pool_images} frames of 360x480), a click labels one pixel. Rows with other seeds "
               "are not comparable line by line: a loop's round 0 is its seed's random labels; the targets "
               "compare each active row with random on the seeds both ran.", "",
               "| budget | recipe | method | labeled share % | val mIoU % | n | % of full |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    groups = budget_groups(results)
+    groups = budget_groups(results, pool_images)
     for (budget, recipe) in sorted(groups, key=lambda k: (_budget_order(k[0]), k[1])):
         for method, entries in sorted(groups[(budget, recipe)].items(),
                                       key=lambda kv: -statistics.fmean(e["miou"] for e in kv[1])):

@@ -66,6 +66,9 @@ class DataConfig:
     # Semi-supervised splits of the train split: which images keep their labels.
     labeled_ids: str = ""  # file/URI listing the labeled ids (one per line); others unlabeled
     labeled_count: int = 0  # or: this many labeled images, drawn with train.seed; 0 = all
+    # file/URI listing train-split ids (one per line) left out of everything: training, the
+    # loop's pool, ST++'s scoring (e.g. frames filmed seconds from the evaluation clip)
+    exclude_ids: str = ""
     synthetic_unlabeled_images: int = 0  # synthetic only: extra unlabeled frames ...
     synthetic_unlabeled_domain: str = "target"  # ... in this domain (source or target)
     synthetic_val_domain: str = ""  # synthetic only: evaluate on this domain; empty = synthetic_domain
@@ -733,6 +736,7 @@ def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         **{
             "data.root": absolute(cfg.data.root),
             "data.labeled_ids": absolute(cfg.data.labeled_ids),
+            "data.exclude_ids": absolute(cfg.data.exclude_ids),
             "data.labeled_manifest": absolute(cfg.data.labeled_manifest),
             "data.unlabeled_pool": absolute(cfg.data.unlabeled_pool),
             "data.pseudo_manifest": absolute(cfg.data.pseudo_manifest),

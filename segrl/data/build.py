@@ -30,6 +30,13 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, endpoint_url: str = 
     else:
         transform = eval_transform(base_size=base)
 
+    dataset = _split_dataset(cfg, split, transform, endpoint_url)
+    if cfg.exclude_ids and split == cfg.train_split:
+        return without_listed_ids(dataset, cfg.exclude_ids, endpoint_url)
+    return dataset
+
+
+def _split_dataset(cfg: DataConfig, split: str, transform, endpoint_url: str) -> Dataset:
     if cfg.dataset == "synthetic":
         from segrl.data.synthetic import SyntheticScenes
 
@@ -58,6 +65,31 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, endpoint_url: str = 
     )
 
 
+def read_id_list(uri: str, endpoint_url: str = "") -> list[str]:
+    """The ids a file lists, one per line (blank lines skipped, order kept, repeats once)."""
+    from segrl.data.manifest import read_bytes
+
+    lines = read_bytes(uri, endpoint_url or None).decode().splitlines()
+    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def without_listed_ids(dataset: Dataset, uri: str, endpoint_url: str = "") -> Dataset:
+    """``dataset`` without the ids ``uri`` lists (``data.exclude_ids``); every listed id must
+    be in it, so that a typo or a file meant for other data is refused, not silently ignored."""
+    from segrl.data.labels import DataError
+
+    excluded = set(read_id_list(uri, endpoint_url))
+    ids = dataset_ids(dataset)
+    unknown = sorted(excluded - set(ids))
+    if unknown:
+        raise DataError(f"data.exclude_ids file {uri} lists id {unknown[0]!r} that is not in the split "
+                        f"({len(unknown)} unknown in all)")
+    kept = [i for i, sample_id in enumerate(ids) if sample_id not in excluded]
+    if not kept:
+        raise DataError(f"data.exclude_ids file {uri} lists every one of the split's {len(ids)} ids")
+    return SplitView(dataset, kept)
+
+
 def _split_manifest(root: str, split: str, endpoint_url: str = "") -> str:
     """A manifest dataset's root is a folder holding ``<split>.parquet`` or ``<split>.csv``."""
     from pyarrow import fs as pafs
@@ -83,6 +115,11 @@ class SplitView(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def ids(self) -> list[str]:
+        base_ids = dataset_ids(self.base)
+        return [base_ids[i] for i in self.indices]
 
     @property
     def transform(self):
@@ -126,16 +163,13 @@ def split_labeled(
         return train_set, None, dataset_ids(train_set)
     ids = dataset_ids(train_set)
     if cfg.labeled_ids:
-        from segrl.data.manifest import read_bytes
-
-        wanted = [line.strip() for line in read_bytes(cfg.labeled_ids, endpoint_url or None).decode().splitlines()
-                  if line.strip()]
+        wanted = read_id_list(cfg.labeled_ids, endpoint_url)
         position = {sample_id: i for i, sample_id in enumerate(ids)}
         missing = [w for w in wanted if w not in position]
         if missing:
             raise DataError(f"data.labeled_ids file {cfg.labeled_ids} lists id {missing[0]!r} "
                             f"that is not in split '{cfg.train_split}' ({len(missing)} unknown in all)")
-        chosen = sorted(position[w] for w in dict.fromkeys(wanted))
+        chosen = sorted(position[w] for w in wanted)
     else:
         if cfg.labeled_count > len(ids):
             raise DataError(f"data.labeled_count = {cfg.labeled_count} exceeds the {len(ids)} images "

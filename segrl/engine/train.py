@@ -39,6 +39,7 @@ from segrl.config import (
     ComputeConfig,
     ConfigError,
     ExperimentConfig,
+    MethodConfig,
     absolute_local_paths,
     config_from_dict,
     to_dict,
@@ -574,6 +575,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "data.labeled_count, data.labeled_ids, data.unlabeled_pool, data.target_prefixes or "
             "(synthetic) data.synthetic_unlabeled_images")
         raise ConfigError(f"method.name '{cfg.method.name}' needs unlabeled images: set {what}")
+    if recipe.needs_unlabeled:
+        check_cold_start_ends(cfg.method, offsets["epoch"] + epochs, tcfg.schedule_span[1])
     snapshot_steps = snapshot_schedule(total_steps, tcfg.snapshots)
     snapshots = run_store(cfg).child(SNAPSHOT_DIR) if rank == 0 and snapshot_steps else None
 
@@ -793,6 +796,23 @@ def restore_streams(saved: list[dict[str, Any]], rank: int, world: int, recipe: 
         return
     set_rng_state(saved[rank]["global"])
     set_generator_states(recipe, saved[rank]["generators"])
+
+
+def check_cold_start_ends(method: MethodConfig, epochs_at_end: int, schedule_end: float) -> None:
+    """Refuse a mean teacher whose cold start outlasts its whole schedule.
+
+    Its unlabeled terms start at epoch ``method.cold_start_epochs``; a ``train.steps`` run has
+    about ``STEPS_EPOCHS`` epochs however many steps it takes, so a cold start of 5 epochs
+    silently made a 2000-step "mean teacher" plain supervised training (it evaluates the EMA
+    teacher). ``epochs_at_end``: the recipe's epoch clock when this run ends (it runs on over
+    continued rounds); ``schedule_end`` < 1: later rounds continue the schedule, so this run
+    may lie wholly inside the cold start.
+    """
+    if method.name == "mean_teacher" and schedule_end >= 1 and method.cold_start_epochs >= epochs_at_end:
+        raise ConfigError(
+            f"config field 'method.cold_start_epochs' = {method.cold_start_epochs} covers every one of the "
+            f"run's {epochs_at_end} epochs: the mean teacher would never learn from the unlabeled images "
+            f"(a train.steps run has about {STEPS_EPOCHS} epochs); make it smaller than {epochs_at_end}")
 
 
 def plan_steps(steps: int, epochs: int, steps_per_epoch: int) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from segrl.config import (
     replace,
 )
 from segrl.console import say
+from segrl.data.build import SplitView
 from segrl.data.labels import DataError
 from segrl.data.manifest import IMAGE_PIXELS_COLUMN, LABELED_PIXELS_COLUMN
 from segrl.engine.train import SNAPSHOT_DIR, record_config, run_store
@@ -224,6 +225,8 @@ class ActiveLearningLoop:
 
             self._positions = {i: k for k, i in enumerate(dataset_ids(dataset))}
         k = self._positions[image_id]
+        while isinstance(dataset, SplitView):  # data.exclude_ids: the frame's place in the whole split
+            dataset, k = dataset.base, dataset.indices[k]
         return dataset.render(k)[1] if hasattr(dataset, "render") else dataset.load(k)[1]
 
     def _index(self) -> pa.Table:

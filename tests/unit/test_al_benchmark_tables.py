@@ -128,3 +128,22 @@ def test_the_best_row_is_the_best_of_the_most_seeds_and_its_per_seed_gaps_are_sh
     # 41.33 +- 5.03 vs 31.00 +- 10.39: +10.33 within 15.43, though ahead on every seed
     assert "~5.5% pixels (supervised): best active row ripu_regions 41.33 vs random_images 31.00: +10.33 mIoU, " \
            "needed > 15.43: MISSED (n = 3 and 3); ahead on 3 of 3 seeds (+3.00 / +11.00 / +17.00)" in text
+
+
+def test_frames_near_val_are_those_of_its_sequence_within_the_seconds(al):
+    val = ["0016E5_07959", "0016E5_07961", "0016E5_08159"]
+    train = ["0016E5_07650", "0016E5_07659", "0016E5_07680", "0016E5_08130", "0016E5_08459", "0016E5_08460",
+             "0006R0_07959", "0001TP_008000", "Seq05VD_f00000"]
+    # 30 Hz: 10 s is 300 frame numbers either side of a val frame (07659 and 08459 are exactly that)
+    assert al.frames_near(train, val, 10) == ["0016E5_07659", "0016E5_07680", "0016E5_08130", "0016E5_08459"]
+    assert al.frames_near(train, val, 1) == ["0016E5_08130"]
+    assert al.frames_near(train, ["Seq05VD_f00030"], 1) == ["Seq05VD_f00000"]  # Seq05VD numbers carry an 'f'
+    assert al.frames_near(train, val, 0) == []
+
+
+def test_a_smaller_pool_counts_clicks_per_image_of_its_own_frames(al):
+    """349 frames asked 20 clicks each: the line is '20 clicks/img', not 19 of the 367."""
+    row = point_row(al, "random_points@20", 0, 0.30)
+    row["rounds"][0]["clicks"] = 349 * 20
+    assert list(al.budget_groups({"a": row}, pool_images=349)) == [("20 clicks/img", "supervised")]
+    assert list(al.budget_groups({"a": row})) == [("19 clicks/img", "supervised")]

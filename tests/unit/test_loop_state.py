@@ -227,6 +227,19 @@ def test_a_path_traversal_id_in_the_loop_pool_is_refused(tmp_path):
         manifest_loop(tmp_path, data).run()
 
 
+def test_excluded_frames_are_not_in_the_pool_and_the_oracle_answers_the_others(tmp_path):
+    whole = loop_of(tmp_path / "whole")
+    ids = whole.store.read_table("pool.parquet").column("id").to_pylist()
+    (tmp_path / "near_val.txt").write_text(f"{ids[0]}\n{ids[5]}\n")
+    loop = loop_of(tmp_path / "part", f"data.exclude_ids={tmp_path / 'near_val.txt'}")
+    assert loop.store.read_table("pool.parquet").column("id").to_pylist() == [i for i in ids if i not in (ids[0], ids[5])]
+    for image_id in (ids[1], ids[6], ids[7]):  # the truth of the same frame, past the excluded ones
+        assert np.array_equal(loop._truth(image_id), whole._truth(image_id))
+    assert loop._step(0, "select", loop._select) and loop._step(0, "label", loop._label)
+    labeled = set(loop.store.read_table("rounds/00/selection.parquet").column("id").to_pylist())
+    assert len(labeled) == 3 and not labeled & {ids[0], ids[5]}
+
+
 def test_native_size_frames_are_scored_at_the_labeled_frames_size(tmp_path):
     """Before: round 0 trained, then scoring failed with 'set image_size=[H,W]', a key the
     loop has no way to set. Now the loop scores at the frames' own size."""

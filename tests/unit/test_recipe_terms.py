@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrl.config import MethodConfig, TrainConfig, load_config
+from segrl.config import ConfigError, MethodConfig, TrainConfig, load_config
 from segrl.data.build import build_training_sets
 from segrl.engine.selftrain import rank_by_stability, split_reliable
 from segrl.engine.train import (
     _class_counts,
     batch_sizes,
+    check_cold_start_ends,
     concat_batches,
     plan_steps,
     snapshot_schedule,
@@ -194,6 +195,17 @@ def test_a_steps_run_trains_exactly_its_steps_and_an_epochs_run_whole_epochs():
     assert plan_steps(72, 4, 36) == (2, 72)
     assert plan_steps(5, 4, 36) == (1, 5)
     assert plan_steps(0, 4, 36) == (4, 144)
+
+
+def test_a_mean_teacher_whose_cold_start_outlasts_the_run_is_refused():
+    """Before: ssl_camvid's mean-teacher rows asked a 5-epoch cold start of 5-epoch runs and
+    trained supervised only, reported as a mean teacher."""
+    teacher = MethodConfig(name="mean_teacher", cold_start_epochs=5)
+    with pytest.raises(ConfigError, match=r"'method.cold_start_epochs' = 5 covers every one of the run's 5 epochs"):
+        check_cold_start_ends(teacher, 5, 1.0)
+    check_cold_start_ends(teacher, 6, 1.0)  # the last epoch learns from the pool
+    check_cold_start_ends(teacher, 5, 0.5)  # later rounds continue its clock and schedule
+    check_cold_start_ends(MethodConfig(name="supervised", cold_start_epochs=5), 5, 1.0)  # no cold start to end
 
 
 def test_snapshots_are_evenly_spaced_and_end_at_the_last_step():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from segrl.config import MethodConfig, load_config
-from segrl.data.build import build_dataset, split_labeled
+from segrl.data.build import build_dataset, build_training_sets, dataset_ids, split_labeled
 from segrl.data.labels import DataError
 from segrl.methods.recipes import MeanTeacherRecipe, SupervisedRecipe, build_recipe, strong_views
 from segrl.models import build_model
@@ -86,6 +88,26 @@ def test_labeled_count_and_id_file_split_the_train_split(tmp_path):
     cfg3 = load_config(overrides=["data.synthetic_train_images=10", f"data.labeled_ids={tmp_path / 'bad.txt'}"])
     with pytest.raises(DataError, match="'nope'"):
         split_labeled(cfg3.data, train, seed=0)
+
+
+def test_excluded_ids_leave_the_train_split_for_every_consumer_and_bad_lists_are_refused(tmp_path):
+    every = ["data.synthetic_train_images=10", "data.synthetic_val_images=3"]
+    ids = dataset_ids(build_dataset(load_config(overrides=every).data, "train", train=True))
+    (tmp_path / "near_val.txt").write_text(f"{ids[1]}\n\n{ids[7]}\n{ids[1]}\n")
+    cfg = load_config(overrides=[*every, f"data.exclude_ids={tmp_path / 'near_val.txt'}"]).data
+    train = build_dataset(cfg, "train", train=True)
+    assert dataset_ids(train) == [i for i in ids if i not in (ids[1], ids[7])]
+    assert [s["id"] for s in train] == dataset_ids(train)  # the frames themselves, not only their names
+    assert len(build_dataset(cfg, "val", train=False)) == 3  # evaluation is untouched
+    drawn = build_training_sets(replace(cfg, labeled_count=4), seed=0)
+    assert len(drawn.labeled) == 4 and len(drawn.unlabeled) == 4
+    assert not {ids[1], ids[7]} & set(dataset_ids(drawn.labeled) + dataset_ids(drawn.unlabeled))
+    (tmp_path / "typo.txt").write_text(f"{ids[0]}\nframe_9999\n")
+    with pytest.raises(DataError, match=r"typo.txt lists id 'frame_9999' that is not in the split \(1 unknown"):
+        build_dataset(replace(cfg, exclude_ids=str(tmp_path / "typo.txt")), "train", train=True)
+    (tmp_path / "all.txt").write_text("\n".join(ids))
+    with pytest.raises(DataError, match="lists every one of the split's 10 ids"):
+        build_dataset(replace(cfg, exclude_ids=str(tmp_path / "all.txt")), "train", train=True)
 
 
 def test_synthetic_unlabeled_frames_come_from_the_other_domain():
