@@ -33,8 +33,6 @@ import statistics
 import time
 from pathlib import Path
 
-from al_camvid import SETTINGS as AL_SETTINGS  # benchmarks/ is sys.path[0] when run as a script
-
 SETTINGS = {
     # small: 2000 steps, as al_camvid.py's: at 90x120 full supervision gained 3.2 mIoU from 1000
     # to 2000 steps and lost 0.5 from 2000 to 4000 (benchmarks/results/al_camvid_small*.md)
@@ -183,9 +181,9 @@ def shared_reference(tag: str, setting: dict, steps: int) -> dict:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    al_setting = dict(AL_SETTINGS.get(tag.split("_")[0], {}), steps=saved.get("steps"))
-    # through JSON, so that a tuple and the list it was saved as compare equal
-    same = all(json.dumps(al_setting.get(key)) == json.dumps(value) for key, value in setting.items())
+    # that benchmark saves its setting beside its results; through JSON, so that a tuple and
+    # the list it was saved as compare equal
+    same = all(json.dumps(saved.get(key)) == json.dumps(value) for key, value in setting.items())
     run = saved.get("reference", {}).get(str(steps))
     if not same or run is None or run.get("seed", 0) != 0:
         return {}
