@@ -154,21 +154,26 @@ def frames_near(ids: list[str], reference_ids: list[str], seconds: float, fps: f
         return sequence, int(number.lstrip("f") or 0)
 
     by_sequence: dict[str, list[int]] = {}
-    for sample_id in reference_ids:
-        sequence, number = parts(sample_id)
+    for sequence, number in map(parts, reference_ids):
         by_sequence.setdefault(sequence, []).append(number)
     reach = seconds * fps
-    return sorted(sample_id for sample_id in ids
-                  if any(abs(parts(sample_id)[1] - n) <= reach for n in by_sequence.get(parts(sample_id)[0], ())))
+    near = []
+    for sample_id in ids:
+        sequence, number = parts(sample_id)
+        if any(abs(number - n) <= reach for n in by_sequence.get(sequence, ())):
+            near.append(sample_id)
+    return sorted(near)
 
 
-def held_out_file(data_root: str, store: str, seconds: float) -> str:
-    """A file in the store listing the train frames within ``seconds`` of a val frame."""
-    split_ids = {split: sorted(p.stem for p in (Path(data_root) / split).glob("*.png")) for split in ("train", "val")}
+def held_out_file(data_root: str, store: str, seconds: float) -> tuple[str, int]:
+    """(a file in the store listing the train frames within ``seconds`` of a val frame, how many)."""
+    from segrl.data.datasets import CamVid  # the ids the pool is built from
+
+    near = frames_near(CamVid(data_root, "train").ids, CamVid(data_root, "val").ids, seconds)
     path = Path(store) / f"held_out_within_{seconds:g}s_of_val.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{i}\n" for i in frames_near(split_ids["train"], split_ids["val"], seconds)))
-    return str(path)
+    path.write_text("".join(f"{i}\n" for i in near))
+    return str(path), len(near)
 
 
 def check_equal_steps(row: str, run_uri: str, rounds: list[dict], steps: int) -> None:
@@ -233,10 +238,9 @@ def main() -> None:
     reference = saved.get("reference", {}) if saved.get("steps") == setting["steps"] else {}
     base = common(setting, args.data_root, store)
     if args.hold_out_near_val:
-        excluded = held_out_file(args.data_root, store, args.hold_out_near_val)
+        excluded, count = held_out_file(args.data_root, store, args.hold_out_near_val)
         base.append(f"data.exclude_ids={excluded}")
-        setting.update(held_out_seconds=args.hold_out_near_val,
-                       pool_images=POOL_IMAGES - len(Path(excluded).read_text().split()))
+        setting.update(held_out_seconds=args.hold_out_near_val, pool_images=POOL_IMAGES - count)
     for item in plan:
         if item[0] == "reference":
             steps = item[1] * setting["steps"]
