@@ -152,14 +152,29 @@ class Recipe:
 
 
 class SupervisedRecipe(Recipe):
-    """Cross-entropy on labeled pixels only (unlabeled features only feed probes like LabOR's)."""
+    """Cross-entropy on labeled pixels only (unlabeled features only feed probes like LabOR's).
+
+    With ``method.lambda_adv > 0`` this is AdaptSegNet (source-only training plus output-space
+    alignment, ProDA's warm-up): the unlabeled weak view then goes through the same train-mode
+    forward as the labeled batch, with gradients, so the adversarial term can move the model.
+    """
 
     def compute(self, model, batch_x, batch_u, epoch):
+        if batch_u is not None and self.cfg.lambda_adv > 0:
+            return self._aligned(model, batch_x, batch_u)
         out, outputs = self._supervised(model, batch_x)
         if batch_u is not None:
             logits_u, outputs.feats_u = probe_forward(model, batch_u["image"])
             outputs.pred_u = logits_u.argmax(1).masked_fill(~valid_pixels(batch_u), self.ignore_index)
         return out, outputs
+
+    def _aligned(self, model: nn.Module, batch_x: dict, batch_u: dict) -> tuple[dict, StepOutputs]:
+        n_x = batch_x["image"].shape[0]
+        logits, feats = model(torch.cat([batch_x["image"], batch_u["image"]]), return_features=True)
+        loss = self._labeled_ce(logits[:n_x], batch_x)
+        pred_u = logits[n_x:].detach().argmax(1).masked_fill(~valid_pixels(batch_u), self.ignore_index)
+        return {"loss": loss, "loss_x": loss.detach()}, StepOutputs(
+            logits[:n_x], feats[:n_x], batch_x["mask"], logits[n_x:], feats[n_x:], pred_u=pred_u)
 
 
 @torch.no_grad()
@@ -427,7 +442,8 @@ def unlabeled_draws(cfg: MethodConfig) -> str | None:
     ``"unlabeled"``, or None. What the built recipe's ``needs_unlabeled`` says."""
     recipe = {"supervised": SupervisedRecipe, "mean_teacher": MeanTeacherRecipe, "pseudo_label": PseudoLabelRecipe,
               "proda": ProdaRecipe, "distill": DistillRecipe}[cfg.name]
-    if not (recipe.uses_unlabeled or cfg.labor_selector):  # LaborTerm is the one term that draws them
+    # LaborTerm and AdversarialTerm are the terms that draw them
+    if not (recipe.uses_unlabeled or cfg.labor_selector or cfg.lambda_adv > 0):
         return None
     return "pseudo" if recipe.needs_pseudo else "unlabeled"
 

@@ -154,6 +154,7 @@ class AdversarialTerm:
     """
 
     name = "loss_adv"
+    needs_unlabeled = True  # target maps: without them there is nothing to align
 
     def __init__(self, cfg: MethodConfig, num_classes: int, ndf: int = 32) -> None:
         self.cfg = cfg

@@ -171,6 +171,25 @@ def test_distill_recipe_learns_a_frozen_teacher_from_its_weights_file(tmp_path):
     assert same.losses(teacher, batch(), batch(seed=1), epoch=0)["loss_u"].item() < out["loss_u"].item()
 
 
+def test_supervised_recipe_with_an_adversarial_term_is_adaptsegnet_and_trains_on_target_maps():
+    # Source-only plus lambda_adv once added a zero: the target batch went through a no-grad probe
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 4)
+    recipe = build_recipe(MethodConfig(lambda_adv=1.0), model, None, 255, seed=0)
+    assert recipe.needs_unlabeled
+    x, u = batch(), batch(seed=1)
+    assert recipe.losses(model, x, u, epoch=0)["loss_adv"].item() > 0
+    _, outputs = recipe.compute(model, x, u, epoch=0)
+    model.zero_grad()
+    recipe.terms[0](outputs).backward()  # the alignment term alone moves the segmentation network
+    assert sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None) > 0
+    # and the labeled loss is the plain cross-entropy on the labeled half of the forward
+    plain = build_recipe(MethodConfig(), model, None, 255, seed=0)
+    torch.manual_seed(1)
+    joint = recipe.losses(model, x, u, epoch=0)["loss_x"]
+    assert joint.item() == pytest.approx(plain.losses(model, x, None, epoch=0)["loss_x"].item(), rel=0.2)
+
+
 def test_supervised_recipe_with_labor_selector_snapshots_its_heads():
     torch.manual_seed(0)
     model = build_model("lraspp_mobilenet_v3_large", 4)

@@ -51,3 +51,15 @@ def test_the_reference_is_taken_from_al_camvid_only_when_it_trained_the_same_one
     assert ssl.shared_reference("small", dict(small, batch=16), 2000) == {}  # another training
     (results / "al_camvid_small.json").write_text(json.dumps(dict(saved, steps=1000)))
     assert ssl.shared_reference("small", small, 2000) == {}
+
+
+def test_each_proda_row_starts_from_the_final_model_of_its_own_start_row_and_seed(ssl, tmp_path):
+    run = tmp_path / "dusk_adaptseg_s1"
+    for step in (100, 2000):  # the last checkpoint is the final model
+        (run / "train" / f"ckpt_{step:06d}").mkdir(parents=True)
+    results = {"dusk/adaptseg/s1": {"run": str(run)}}
+    args = ssl.row_args("dusk/proda_from_adaptseg", 1, [], "", str(tmp_path), results)
+    assert f"model.weights={run / 'train' / 'ckpt_002000' / 'checkpoint.pt'}" in args
+    assert "method.name=proda" in args and "data.target_prefixes=[0001TP]" in args
+    with pytest.raises(RuntimeError, match="dusk/proda seed 1 needs dusk/source_only seed 1 first"):
+        ssl.row_args("dusk/proda", 1, [], "", str(tmp_path), results)

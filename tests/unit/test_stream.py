@@ -108,11 +108,13 @@ def test_frame_bytes_is_one_frame_at_its_cached_stage():
 
 @pytest.mark.parametrize("name", ["supervised", "mean_teacher", "pseudo_label", "proda", "distill"])
 @pytest.mark.parametrize("labor", [False, True])
-def test_the_driver_knows_which_set_a_recipe_draws_before_it_is_built(name, labor, tmp_path):
-    cfg = MethodConfig(name=name, labor_selector=labor)
+@pytest.mark.parametrize("adversarial", [0.0, 0.001])
+def test_the_driver_knows_which_set_a_recipe_draws_before_it_is_built(name, labor, adversarial, tmp_path):
+    cfg = MethodConfig(name=name, labor_selector=labor, lambda_adv=adversarial)
     if name == "distill":  # its teacher is read from a weights file
         torch.save(build_model("lraspp_mobilenet_v3_large", 4).state_dict(), tmp_path / "teacher.pt")
-        cfg = MethodConfig(name=name, labor_selector=labor, teacher_weights=str(tmp_path / "teacher.pt"))
+        cfg = MethodConfig(name=name, labor_selector=labor, lambda_adv=adversarial,
+                           teacher_weights=str(tmp_path / "teacher.pt"))
     recipe = build_recipe(cfg, build_model("lraspp_mobilenet_v3_large", 4), torch.ones(4), 255, 0)
     draws = unlabeled_draws(cfg)
     assert (draws is not None) == recipe.needs_unlabeled
