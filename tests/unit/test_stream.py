@@ -108,17 +108,22 @@ def test_frame_bytes_is_one_frame_at_its_cached_stage():
 
 @pytest.mark.parametrize("name", ["supervised", "mean_teacher", "pseudo_label", "proda", "distill"])
 @pytest.mark.parametrize("labor", [False, True])
-@pytest.mark.parametrize("adversarial", [0.0, 0.001])
-def test_the_driver_knows_which_set_a_recipe_draws_before_it_is_built(name, labor, adversarial, tmp_path):
-    cfg = MethodConfig(name=name, labor_selector=labor, lambda_adv=adversarial)
+def test_the_driver_knows_which_set_a_recipe_draws_before_it_is_built(name, labor, tmp_path):
+    cfg = MethodConfig(name=name, labor_selector=labor)
     if name == "distill":  # its teacher is read from a weights file
         torch.save(build_model("lraspp_mobilenet_v3_large", 4).state_dict(), tmp_path / "teacher.pt")
-        cfg = MethodConfig(name=name, labor_selector=labor, lambda_adv=adversarial,
-                           teacher_weights=str(tmp_path / "teacher.pt"))
+        cfg = MethodConfig(name=name, labor_selector=labor, teacher_weights=str(tmp_path / "teacher.pt"))
     recipe = build_recipe(cfg, build_model("lraspp_mobilenet_v3_large", 4), torch.ones(4), 255, 0)
     draws = unlabeled_draws(cfg)
     assert (draws is not None) == recipe.needs_unlabeled
     assert draws in (None, "pseudo" if recipe.needs_pseudo else "unlabeled")
+
+
+def test_the_driver_plans_target_batches_for_a_supervised_run_with_adversarial_alignment():
+    cfg = MethodConfig(lambda_adv=0.001)  # AdaptSegNet: the term needs the unlabeled target's maps
+    recipe = build_recipe(cfg, build_model("lraspp_mobilenet_v3_large", 4), torch.ones(4), 255, 0)
+    assert unlabeled_draws(cfg) == "unlabeled" and recipe.needs_unlabeled
+    assert unlabeled_draws(MethodConfig()) is None
 
 
 def test_picked_ports_lie_below_the_ephemeral_range_and_are_free():
