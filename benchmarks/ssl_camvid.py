@@ -47,6 +47,7 @@ DUSK_DATA = ["data.target_prefixes=[0001TP]", "data.target_eval_count=20"]
 # mean teacher's cold start of 1 epoch is its first fifth, supervised only. (These rows once
 # asked 5, which made them supervised training from end to end; segrl now refuses that.)
 MEAN_TEACHER_COLD_START = "method.cold_start_epochs=1"
+PRODA = ["method.name=proda", "method.lambda_structure=0.1"]
 ROWS = {
     "semi/supervised": ["method.name=supervised"],
     "semi/st": ["method.name=st"],
@@ -58,10 +59,10 @@ ROWS = {
     "dusk/source_only": ["method.name=supervised"],
     "dusk/st": ["method.name=st"],
     "dusk/st_pp": ["method.name=st_pp", "method.checkpoints_k=3", "method.reliable_ratio=0.5"],
-    "dusk/proda": ["method.name=proda", "method.lambda_structure=0.1"],
+    "dusk/proda": PRODA,
     # AdaptSegNet (Tsai et al., CVPR 2018), single level: its lambda_adv for the output layer
     "dusk/adaptseg": ["method.name=supervised", "method.lambda_adv=0.001"],
-    "dusk/proda_from_adaptseg": ["method.name=proda", "method.lambda_structure=0.1"],
+    "dusk/proda_from_adaptseg": PRODA,  # the same recipe; only its start (STARTS_FROM) differs
 }
 # The ProDA rows and the row of the same seed whose final model each starts from
 STARTS_FROM = {"dusk/proda": "dusk/source_only", "dusk/proda_from_adaptseg": "dusk/adaptseg"}

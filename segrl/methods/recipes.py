@@ -49,7 +49,13 @@ from segrl.losses import (
     structure_consistency_kl,
 )
 from segrl.methods.banks import PrototypeBank
-from segrl.methods.terms import StepOutputs, broadcast_parameters, build_terms, to_feature_grid
+from segrl.methods.terms import (
+    StepOutputs,
+    broadcast_parameters,
+    build_terms,
+    terms_need_unlabeled,
+    to_feature_grid,
+)
 from segrl.models.ema import EMATeacher, unwrap
 
 RECIPES = ("supervised", "mean_teacher", "pseudo_label", "proda", "distill")
@@ -169,12 +175,10 @@ class SupervisedRecipe(Recipe):
         return out, outputs
 
     def _aligned(self, model: nn.Module, batch_x: dict, batch_u: dict) -> tuple[dict, StepOutputs]:
-        n_x = batch_x["image"].shape[0]
-        logits, feats = model(torch.cat([batch_x["image"], batch_u["image"]]), return_features=True)
-        loss = self._labeled_ce(logits[:n_x], batch_x)
-        pred_u = logits[n_x:].detach().argmax(1).masked_fill(~valid_pixels(batch_u), self.ignore_index)
-        return {"loss": loss, "loss_x": loss.detach()}, StepOutputs(
-            logits[:n_x], feats[:n_x], batch_x["mask"], logits[n_x:], feats[n_x:], pred_u=pred_u)
+        f = _joint_forward(self, model, batch_x, batch_u["image"], ~valid_pixels(batch_u))
+        pred_u = f.logits_u.detach().argmax(1).masked_fill(f.cut_u, self.ignore_index)
+        return {"loss": f.loss_x, "loss_x": f.loss_x.detach()}, StepOutputs(
+            f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pred_u=pred_u)
 
 
 @torch.no_grad()
@@ -321,11 +325,17 @@ class StrongForward:
 
 def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> StrongForward:
     strong_u, cut_u = strong_views(batch_u["image"])
+    return _joint_forward(recipe, model, batch_x, strong_u, cut_u | ~valid_pixels(batch_u))
+
+
+def _joint_forward(recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor,
+                   unseen_u: torch.Tensor) -> StrongForward:
+    """The labeled batch and ``images_u`` in one forward, the labeled cross-entropy on the
+    first part; ``unseen_u`` (cutout, crop padding) travels along as the forward's ``cut_u``."""
     n_x = batch_x["image"].shape[0]
-    logits, feats = model(torch.cat([batch_x["image"], strong_u]), return_features=True)
+    logits, feats = model(torch.cat([batch_x["image"], images_u]), return_features=True)
     loss_x = recipe._labeled_ce(logits[:n_x], batch_x)
-    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:],
-                         cut_u | ~valid_pixels(batch_u))
+    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], unseen_u)
 
 
 class PseudoLabelRecipe(Recipe):
@@ -442,8 +452,7 @@ def unlabeled_draws(cfg: MethodConfig) -> str | None:
     ``"unlabeled"``, or None. What the built recipe's ``needs_unlabeled`` says."""
     recipe = {"supervised": SupervisedRecipe, "mean_teacher": MeanTeacherRecipe, "pseudo_label": PseudoLabelRecipe,
               "proda": ProdaRecipe, "distill": DistillRecipe}[cfg.name]
-    # LaborTerm and AdversarialTerm are the terms that draw them
-    if not (recipe.uses_unlabeled or cfg.labor_selector or cfg.lambda_adv > 0):
+    if not (recipe.uses_unlabeled or terms_need_unlabeled(cfg)):
         return None
     return "pseudo" if recipe.needs_pseudo else "unlabeled"
 

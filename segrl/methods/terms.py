@@ -245,6 +245,12 @@ class LaborTerm:
         self.selector.load_state_dict(state["selector"])
 
 
+def terms_need_unlabeled(cfg: MethodConfig) -> bool:
+    """Whether a term ``build_terms`` builds for ``cfg`` has ``needs_unlabeled``, known before
+    it is built (LabOR's selector, adversarial alignment)."""
+    return cfg.labor_selector or cfg.lambda_adv > 0
+
+
 def build_terms(cfg: MethodConfig, feature_channels: int, num_classes: int, ignore_index: int,
                 seed: int) -> list[ContrastiveTerm | AdversarialTerm | LaborTerm]:
     """The optional terms ``cfg`` switches on (weight > 0)."""
