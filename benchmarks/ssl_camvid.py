@@ -62,6 +62,10 @@ ROWS = {
     "dusk/proda": PRODA,
     # AdaptSegNet (Tsai et al., CVPR 2018), single level: its lambda_adv for the output layer
     "dusk/adaptseg": ["method.name=supervised", "method.lambda_adv=0.001"],
+    # The same run with an adversarial weight too small to move the network: dusk frames still
+    # join the train-mode forward (BatchNorm's batch statistics see them), the alignment does not.
+    # Its gap to dusk/adaptseg is the adversarial term's share of AdaptSegNet's gain.
+    "dusk/adaptseg_bn_only": ["method.name=supervised", "method.lambda_adv=0.000000001"],
     "dusk/proda_from_adaptseg": PRODA,  # the same recipe; only its start (STARTS_FROM) differs
 }
 # The ProDA rows and the row of the same seed whose final model each starts from
@@ -69,7 +73,8 @@ STARTS_FROM = {"dusk/proda": "dusk/source_only", "dusk/proda_from_adaptseg": "du
 PLAN = [("reference", 1), *[(row, 0) for row in ROWS], ("reference", 2),
         *[(row, seed) for seed in (1, 2) for row in ("semi/supervised", "semi/mean_teacher_classmix", "semi/st_pp",
                                                      "dusk/source_only", "dusk/proda", "dusk/st", "dusk/st_pp",
-                                                     "dusk/adaptseg", "dusk/proda_from_adaptseg")]]
+                                                     "dusk/adaptseg", "dusk/proda_from_adaptseg",
+                                                     "dusk/adaptseg_bn_only")]]
 
 
 def common(setting: dict, data_root: str, store: str) -> list[str]:
