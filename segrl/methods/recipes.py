@@ -176,7 +176,7 @@ class SupervisedRecipe(Recipe):
 
     def _aligned(self, model: nn.Module, batch_x: dict, batch_u: dict) -> tuple[dict, StepOutputs]:
         f = _joint_forward(self, model, batch_x, batch_u["image"], ~valid_pixels(batch_u))
-        pred_u = f.logits_u.detach().argmax(1).masked_fill(f.cut_u, self.ignore_index)
+        pred_u = f.logits_u.detach().argmax(1).masked_fill(f.unseen_u, self.ignore_index)
         return {"loss": f.loss_x, "loss_x": f.loss_x.detach()}, StepOutputs(
             f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pred_u=pred_u)
 
@@ -312,30 +312,31 @@ class MeanTeacherRecipe(Recipe):
 
 
 @dataclass
-class StrongForward:
-    """One forward pass of labeled images and strong views of unlabeled ones."""
+class JointForward:
+    """One forward pass of labeled images and views of unlabeled ones (strong views for
+    the self-training recipes, the weak view for AdaptSegNet)."""
 
     loss_x: torch.Tensor
     logits_x: torch.Tensor
     feats_x: torch.Tensor
     logits_u: torch.Tensor
     feats_u: torch.Tensor
-    cut_u: torch.Tensor  # cutout boxes of the strong views and crop padding: no pseudo label there
+    unseen_u: torch.Tensor  # cutout boxes of strong views and crop padding: no pseudo label there
 
 
-def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> StrongForward:
+def _student_on_strong_view(recipe: Recipe, model: nn.Module, batch_x: dict, batch_u: dict) -> JointForward:
     strong_u, cut_u = strong_views(batch_u["image"])
     return _joint_forward(recipe, model, batch_x, strong_u, cut_u | ~valid_pixels(batch_u))
 
 
 def _joint_forward(recipe: Recipe, model: nn.Module, batch_x: dict, images_u: torch.Tensor,
-                   unseen_u: torch.Tensor) -> StrongForward:
+                   unseen_u: torch.Tensor) -> JointForward:
     """The labeled batch and ``images_u`` in one forward, the labeled cross-entropy on the
-    first part; ``unseen_u`` (cutout, crop padding) travels along as the forward's ``cut_u``."""
+    first part; ``unseen_u`` (cutout, crop padding) travels along."""
     n_x = batch_x["image"].shape[0]
     logits, feats = model(torch.cat([batch_x["image"], images_u]), return_features=True)
     loss_x = recipe._labeled_ce(logits[:n_x], batch_x)
-    return StrongForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], unseen_u)
+    return JointForward(loss_x, logits[:n_x], feats[:n_x], logits[n_x:], feats[n_x:], unseen_u)
 
 
 class PseudoLabelRecipe(Recipe):
@@ -348,7 +349,7 @@ class PseudoLabelRecipe(Recipe):
         if batch_u is None:
             return self._supervised(model, batch_x)
         f = _student_on_strong_view(self, model, batch_x, batch_u)
-        pseudo = batch_u["mask"].masked_fill(f.cut_u, self.ignore_index)
+        pseudo = batch_u["mask"].masked_fill(f.unseen_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u, pseudo,
                               torch.ones_like(pseudo, dtype=torch.float))
@@ -386,7 +387,7 @@ class ProdaRecipe(Recipe):
         rectified, hard = proda_rectified_pseudo_labels(initial_soft, feats_w, protos, self.cfg.proda_temperature,
                                                         known)
         f = _student_on_strong_view(self, model, batch_x, batch_u)
-        pseudo = hard.masked_fill(f.cut_u, self.ignore_index)
+        pseudo = hard.masked_fill(f.unseen_u, self.ignore_index)
         loss_u = cross_entropy(f.logits_u, pseudo, ignore_index=self.ignore_index)
         loss_kl = structure_consistency_kl(feats_w, f.feats_u, protos, self.cfg.proda_temperature, known)
         # prototypes follow the rectified labels of the EMA features on the frames' own pixels
@@ -436,12 +437,12 @@ class DistillRecipe(Recipe):
         images_u = batch_u["image"]
         soft = self.teacher(images_u).float().softmax(1)
         f = _student_on_strong_view(self, model, batch_x, batch_u)
-        keep = (~f.cut_u).unsqueeze(1).float()
+        keep = (~f.unseen_u).unsqueeze(1).float()
         log_student = f.logits_u.float().log_softmax(1)
         kl = (soft * (soft.clamp(min=1e-8).log() - log_student) * keep).sum(1).sum() / keep.sum().clamp(min=1)
         conf, pseudo = soft.max(1)
         outputs = StepOutputs(f.logits_x, f.feats_x, batch_x["mask"], f.logits_u, f.feats_u,
-                              pseudo.masked_fill(f.cut_u, self.ignore_index), conf, soft)
+                              pseudo.masked_fill(f.unseen_u, self.ignore_index), conf, soft)
         total = f.loss_x + self.cfg.lambda_u * kl
         return {"loss": total, "loss_x": f.loss_x.detach(), "loss_u": kl.detach()}, outputs
 
