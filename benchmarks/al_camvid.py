@@ -76,6 +76,8 @@ POINT_ROWS = {
 PIXEL_ROWS = {
     "random_images": [*IMAGE_LOOP, "al.acquisition=random"],
     "entropy_images": [*IMAGE_LOOP, "al.acquisition=entropy"],
+    # entropy's picks spread in feature space over a shortlist worth 4 budgets (k-center greedy)
+    "entropy_images_spread": [*IMAGE_LOOP, "al.acquisition=entropy", "al.spread_candidates=4"],
     "region_entropy": [*IMAGE_LOOP, "al.acquisition=region_entropy", "al.regions_top_r=16"],
     "ripu_regions": [*IMAGE_LOOP, "al.acquisition=region_impurity", "al.regions_top_r=16"],
     "labor_spl": [*IMAGE_LOOP, "al.acquisition=labor_spl"],
@@ -94,6 +96,7 @@ PLAN = [
     ("random_points@20", "supervised", 2), ("pixelpick_points@20", "supervised", 2),
     ("random_points@5", "supervised", 0), ("pixelpick_points@5", "supervised", 0),
     ("random_images", "supervised", 0), ("entropy_images", "supervised", 0),
+    ("entropy_images_spread", "supervised", 0),
     ("random_points@100", "supervised", 0), ("pixelpick_points@100", "supervised", 0),
     ("random_images", "supervised", 1), ("random_images", "supervised", 2),
     ("margin_points@20", "supervised", 0), ("entropy_points@20", "supervised", 0),

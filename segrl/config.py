@@ -280,6 +280,8 @@ RETRAIN_MODES = ("from_scratch", "continue")
 POINT_ACQUISITIONS = ("random_points", "margin_points", "entropy_points", "pixelpick_points")
 ACQUISITIONS = ("random", "entropy", "stability", "region_entropy", "region_impurity", "labor_spl", "labor_ppl",
                 *POINT_ACQUISITIONS)
+# The whole-image acquisitions whose picks al.spread_candidates can spread.
+SPREAD_ACQUISITIONS = ("entropy", "stability")
 # The acquisitions that ask for clicks, so that al.budget_unit must be 'clicks' for them and only for them.
 CLICK_ACQUISITIONS = ("labor_ppl", *POINT_ACQUISITIONS)
 
@@ -306,6 +308,11 @@ class ALConfig:
     # uncertain (margin) unlabeled pixels, PixelPick's top_n_percent, so they do not cluster
     point_top_share: float = 0.05
     class_balance: bool = False  # image selection interleaved over rarest predicted classes
+    # entropy / stability images: 0 takes the top-scored images (top-K); m >= 1 spreads the
+    # picks over the best-scored images worth m x the round's budget, each the farthest in the
+    # model's feature space from those picked before (k-center greedy), so that one round does
+    # not go to a run of neighbouring video frames. Scoring then writes D floats per frame.
+    spread_candidates: float = 0.0
     labeling: str = "oracle"  # oracle (ground truth of the pool) | external (manifest + import)
     # from_scratch: each round trains from model.weights with a whole schedule (the usual AL
     # benchmark protocol: a round's model and scores do not depend on earlier rounds' training);
@@ -345,6 +352,16 @@ class ALConfig:
             _fail("al.point_top_share", self.point_top_share, "must be in (0, 1]")
         _one_of("al.labeling", self.labeling, ("oracle", "external"))
         _one_of("al.retrain", self.retrain, RETRAIN_MODES)
+        if self.spread_candidates:
+            if self.spread_candidates < 1:
+                _fail("al.spread_candidates", self.spread_candidates, "must be 0 (top-K) or >= 1 (candidates "
+                      "worth that many times the round's budget)")
+            if self.acquisition not in SPREAD_ACQUISITIONS:
+                _fail("al.spread_candidates", self.spread_candidates, f"spreads whole-image picks: al.acquisition "
+                      f"(= {self.acquisition!r}) must be one of {', '.join(SPREAD_ACQUISITIONS)}")
+            if self.class_balance:
+                _fail("al.spread_candidates", self.spread_candidates, "cannot be combined with "
+                      "al.class_balance=true (two orders for the same picks): set one of them")
 
 
 @dataclass(frozen=True)
@@ -503,7 +520,7 @@ class ScoreConfig:
                 _fail(key, getattr(self, key), "is required (a local path or s3:// URI)")
         if self.image_size:
             _hw("image_size", self.image_size)
-        known = (*PIXEL_SCORES, "confidence", "stability", "class_hist")
+        known = (*PIXEL_SCORES, "confidence", "stability", "class_hist", "embedding")
         for i, signal in enumerate(self.signals):
             _one_of(f"signals[{i}]", signal, known)
         if not 0 < self.top_q <= 1:

@@ -10,6 +10,8 @@ small per-image values before returning, so dense maps never leave it:
 * ``confidence``: ``mean_max_prob`` and ``confident_share`` (max probability >= tau);
 * ``stability`` (ST++): mean IoU between each earlier checkpoint's prediction and the
   final one's; 1.0 with a single checkpoint. ``instability = 1 - stability``;
+* ``embedding`` (asked for): the final model's features averaged over the frame, unit
+  length (for selection that spreads its picks, ``al.spread_candidates``);
 * always ``class_hist``: predicted pixels per class (for class-balanced selection);
 * with ``regions_top_r > 0``: the r best grid regions per image (boxes in original pixels);
 * optional pseudo labels (PNG class ids + PNG confidence 0..255) for chosen ids.
@@ -147,8 +149,16 @@ class PoolScorer:
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> torch.Tensor:
         """K x N x C x H x W softmax maps of uint8 frames N x H x W x 3."""
+        return self.probabilities_and_features(images)[0]
+
+    @torch.inference_mode()
+    def probabilities_and_features(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`probabilities` and the final model's features N x D x h x w, from the
+        same forward passes."""
         x = self.normalise(images)
-        return torch.stack([model(x).float().softmax(1) for model in self.models])
+        probs = [model(x).float().softmax(1) for model in self.models[:-1]]
+        logits, features = self.models[-1](x, return_features=True)
+        return torch.stack([*probs, logits.float().softmax(1)]), features
 
     @torch.inference_mode()
     def labor_maps(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,11 +188,12 @@ class PoolScorer:
             PIXEL_SCORES,
             class_histogram,
             confident_share,
+            image_embedding,
             mean_max_prob,
             stability,
         )
 
-        probs_k = self.probabilities(images)
+        probs_k, features = self.probabilities_and_features(images)
         probs = probs_k[-1]
         pred = probs.argmax(1)
         out: dict[str, np.ndarray] = {}
@@ -199,6 +210,8 @@ class PoolScorer:
                 stab = stability(preds, self.num_classes).cpu().numpy()
                 out["stability"] = stab
                 out["instability"] = 1.0 - stab
+            elif name == "embedding":  # for al.spread_candidates: D floats per frame
+                out["embedding"] = image_embedding(features).cpu().numpy()
         out["class_hist"] = class_histogram(pred, self.num_classes).cpu().numpy()
         if self.labor_heads is not None:
             mask = self.labor_maps(images)[0]

@@ -20,6 +20,7 @@ from segrl.acquisition.scores import (
     disagreement_mask,
     get_pixel_score,
     get_reduction,
+    image_embedding,
     instability,
     least_confidence,
     margin,
@@ -38,6 +39,7 @@ from segrl.acquisition.selectors import (
     select_images,
     select_random,
     select_regions,
+    spread_images,
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "disagreement_mask",
     "get_pixel_score",
     "get_reduction",
+    "image_embedding",
     "instability",
     "least_confidence",
     "margin",
@@ -68,5 +71,6 @@ __all__ = [
     "select_regions",
     "select_spl_images",
     "spl_pixels",
+    "spread_images",
     "stability",
 ]

@@ -353,3 +353,12 @@ def confident_share(probs: torch.Tensor, tau: float) -> torch.Tensor:
     """
     _check_probs(probs)
     return (probs.amax(dim=1) >= tau).to(probs.dtype).mean(dim=(1, 2))
+
+
+def image_embedding(features: torch.Tensor) -> torch.Tensor:
+    """An image's place in the model's feature space: ``B x D x h x w -> B x D``, the
+    features averaged over the image and scaled to unit length (so that distances compare
+    what images show, not how strongly they activate the network)."""
+    if features.ndim != 4:
+        raise ValueError(f"features must be B x D x h x w, got shape {tuple(features.shape)}")
+    return F.normalize(features.float().mean(dim=(2, 3)), dim=1)

@@ -222,6 +222,57 @@ def select_images(
     return ids[_greedy_fit(order, costs, budget_pixels)].tolist()
 
 
+def spread_images(
+    ids: Sequence | np.ndarray,
+    scores: np.ndarray,
+    embeddings: np.ndarray,
+    pixels_per_image: int | np.ndarray,
+    budget_pixels: int,
+    candidates_factor: float,
+) -> list:
+    """Uncertain images that are not near copies of each other: k-center greedy over the
+    best-scored images.
+
+    Top-K by score alone spends a round on runs of neighbouring video frames, each as
+    uncertain as the next and all teaching the same thing. The candidates are the best
+    images (score first, ties by id) worth ``candidates_factor`` x ``budget_pixels``; the
+    first pick is the best of them, every later pick the candidate farthest (Euclidean,
+    in ``embeddings`` N x D) from all picks so far (ties: the better scored), among those
+    whose cost still fits (Sener & Savarese's core-set rule, on an uncertainty shortlist).
+    ``candidates_factor`` 1 is plain top-K. Returns the chosen ids in pick order.
+    """
+    ids = np.asarray(ids)
+    scores = _check_scores(scores)
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if ids.shape != scores.shape or embeddings.shape[:1] != ids.shape or embeddings.ndim != 2:
+        raise ValueError(f"{ids.size} ids, {scores.size} scores and embeddings {embeddings.shape}: "
+                         "need N, N and N x D")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or inf (an image that failed to score?)")
+    if candidates_factor < 1:
+        raise ValueError(f"candidates_factor must be >= 1, got {candidates_factor}")
+    costs = _costs(pixels_per_image, ids.size)
+    order = np.lexsort((ids, -scores))
+    shortlist = order[: int(np.searchsorted(np.cumsum(costs[order]), candidates_factor * budget_pixels,
+                                            side="right"))]
+    remaining = int(budget_pixels)
+    open_ = np.ones(shortlist.size, dtype=bool)
+    nearest = np.full(shortlist.size, np.inf)  # distance of each candidate to the nearest pick
+    points = embeddings[shortlist]
+    picks: list[int] = []
+    while True:
+        fits = open_ & (costs[shortlist] <= remaining)
+        if not fits.any():
+            break
+        # shortlist order is score order, so argmax's first maximum is the better scored
+        at = int(np.argmax(np.where(fits, nearest, -1.0)))
+        picks.append(int(shortlist[at]))
+        open_[at] = False
+        remaining -= int(costs[shortlist[at]])
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[at], axis=1))
+    return ids[np.asarray(picks, dtype=np.int64)].tolist()
+
+
 def select_random(
     ids: Sequence | np.ndarray,
     pixels_per_image: int | np.ndarray,

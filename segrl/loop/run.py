@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from segrl.config import (
     POINT_ACQUISITIONS,
+    ALConfig,
     ConfigError,
     ExperimentConfig,
     ScoreConfig,
@@ -101,6 +102,14 @@ class LoopSummary:
 
 def round_dir(r: int) -> str:
     return f"rounds/{r:02d}"
+
+
+def score_signals(al: ALConfig) -> tuple[str, ...]:
+    """What a round's scoring computes for ``al``'s selection: its acquisition's signal, and
+    the frames' embeddings when the picks are spread (``al.spread_candidates``)."""
+    signals = {"entropy": ("entropy",), "stability": ("stability",), "random": ("confidence",)}.get(
+        al.acquisition, ("entropy",))
+    return (*signals, "embedding") if al.spread_candidates else signals
 
 
 class ActiveLearningLoop:
@@ -518,8 +527,7 @@ class ActiveLearningLoop:
         from segrl.engine.score import score_pool
 
         al = self.al
-        signals = {"entropy": ("entropy",), "stability": ("stability",), "random": ("confidence",)}.get(
-            al.acquisition, ("entropy",))
+        signals = score_signals(al)
         score_cfg = ScoreConfig(
             name=f"round{r:02d}", pool=self.store.uri(POOL_FILE), checkpoints=self._snapshots(r),
             out=self.store.uri(round_dir(r)), signals=signals,

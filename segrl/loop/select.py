@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segrl.acquisition import select_images
+from segrl.acquisition import select_images, spread_images
 from segrl.acquisition.selectors import (
     StreamingBestPrefix,
     greedy_fit_chunks,
@@ -329,6 +329,8 @@ def select_image_step(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: Labe
     """The loop's whole-image selection from its scores file: streamed by row group for
     entropy / instability, in memory (the needed columns only) for random and class balance,
     which need every candidate at once."""
+    if al.spread_candidates:
+        return select_spread_images(al, scores, labeled_pixels, budget)
     if al.acquisition in IMAGE_SIGNAL and not al.class_balance:
         return select_top_images(al, scores, labeled_pixels, budget)
     # The uris (~40 bytes a frame) stay on disk until the choice is made.
@@ -348,6 +350,13 @@ def select_top_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: Labe
     ids of that prefix alone are ranked for the id tie-break. When budget is left, a second
     pass adds the later images cheap enough to fit it, and the rule runs again on both.
     """
+    rows, costs = top_image_rows(al, scores, labeled_pixels, budget)
+    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+
+
+def top_image_rows(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels,
+                   budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_top_images`'s choice: (file rows in pick order, their costs)."""
     signal = IMAGE_SIGNAL[al.acquisition]
     prefix = StreamingBestPrefix(budget + 1, payload_width=2, keep_ties=True)
     for values, rows, costs in _image_batches(scores, signal, labeled_pixels):
@@ -358,8 +367,28 @@ def select_top_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: Labe
         later_values, later_payload = _later_images(scores, signal, labeled_pixels, bound[0], left)
         values, payload = np.concatenate([values, later_values]), np.concatenate([payload, later_payload])
         chosen, left = _take_images(scores, values, payload, budget)
-    rows, costs = payload[chosen, 0], payload[chosen, 1]
-    return image_selection(take_rows(scores, rows, ["id", "image_uri", "height", "width"]), costs)
+    return payload[chosen, 0], payload[chosen, 1]
+
+
+def select_spread_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: LabeledPixels,
+                         budget: int) -> pa.Table:
+    """Entropy / instability images spread in feature space (``al.spread_candidates``):
+    the shortlist is the top images worth that many budgets, read as :func:`select_top_images`
+    reads them; only its rows' embeddings are read, and
+    :func:`segrl.acquisition.spread_images` chooses among them."""
+    if "embedding" not in scores.schema_arrow.names:
+        raise ValueError("al.spread_candidates needs the scores' embedding column: score the pool "
+                         "with 'embedding' among its signals")
+    rows, costs = top_image_rows(al, scores, labeled_pixels, int(al.spread_candidates * budget))
+    shortlist = take_rows(scores, rows, ["id", IMAGE_SIGNAL[al.acquisition], "embedding"])
+    ranks = id_ranks(shortlist.column("id"))
+    embeddings = shortlist.column("embedding").combine_chunks()
+    width = embeddings.type.list_size
+    points = pc.list_flatten(embeddings).to_numpy().reshape(len(embeddings), width)
+    signal = shortlist.column(IMAGE_SIGNAL[al.acquisition]).to_numpy().astype(np.float64)
+    picked = spread_images(ranks, signal, points, costs, budget, al.spread_candidates)
+    chosen = chosen_positions(ranks, picked)
+    return image_selection(take_rows(scores, rows[chosen], ["id", "image_uri", "height", "width"]), costs[chosen])
 
 
 def _image_batches(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels):

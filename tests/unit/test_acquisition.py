@@ -21,6 +21,7 @@ from segrl.acquisition import (
     disagreement_mask,
     get_pixel_score,
     get_reduction,
+    image_embedding,
     instability,
     least_confidence,
     margin,
@@ -35,6 +36,7 @@ from segrl.acquisition import (
     select_images,
     select_random,
     select_regions,
+    spread_images,
     stability,
 )
 from segrl.metrics import prediction_miou
@@ -322,6 +324,39 @@ def test_select_images_greedy_skips_what_does_not_fit():
     assert tied == ["a", "b", "c"]
     assert select_images(ids, np.ones(4), 1, 10, exclude={"a", "c"}) == ["b", "d"]
     assert select_images(ids, np.ones(4), 1, 0) == []
+
+
+def test_spread_images_skips_near_copies_of_a_pick_for_the_farthest_uncertain_image():
+    # a and b are neighbouring frames (the same place in feature space), c and d elsewhere
+    ids = ["a", "b", "c", "d", "e"]
+    scores = np.array([0.9, 0.85, 0.6, 0.5, 0.1])
+    points = np.array([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+    assert select_images(ids, scores, 1, 2) == ["a", "b"]
+    # shortlist a, b, c, d (2 x the budget of 2): a first, then c, the farthest from a
+    assert spread_images(ids, scores, points, 1, 2, candidates_factor=2) == ["a", "c"]
+    # then d (0.76 from a and from c) before b (0.01 from a); e, farther than all, is not shortlisted
+    assert spread_images(ids, scores, points, 1, 3, candidates_factor=4 / 3) == ["a", "c", "d"]
+    # a factor of 1 is top-K
+    assert spread_images(ids, scores, points, 1, 2, candidates_factor=1) == ["a", "b"]
+    # costs: c (3) no longer fits after a (1) in a budget of 3, so d does
+    assert spread_images(ids, scores, points, np.array([1, 1, 3, 1, 1]), 3, candidates_factor=2) == ["a", "d", "b"]
+
+
+def test_spread_images_refuses_what_it_cannot_rank():
+    with pytest.raises(ValueError, match="embeddings contain NaN"):
+        spread_images(["a", "b"], np.ones(2), np.array([[0.0], [np.nan]]), 1, 1, 2)
+    with pytest.raises(ValueError, match="N x D"):
+        spread_images(["a", "b"], np.ones(2), np.zeros((3, 2)), 1, 1, 2)
+    with pytest.raises(ValueError, match="candidates_factor"):
+        spread_images(["a"], np.ones(1), np.zeros((1, 2)), 1, 1, 0.5)
+
+
+def test_image_embedding_is_the_unit_length_mean_feature():
+    features = torch.zeros(2, 2, 3, 4)
+    features[0, 0] = 3.0
+    features[1, 0], features[1, 1] = 1.0, 1.0
+    got = image_embedding(features)
+    assert torch.allclose(got, torch.tensor([[1.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
 
 
 @given(seed=st.integers(0, 2**16), budget=st.integers(0, 400))

@@ -9,8 +9,10 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from segrl.config import ALConfig, ConfigError, load_config
+from segrl.loop import select
 from segrl.loop.labor import scale_points, to_grid
 from segrl.loop.report import miou_plot_png, rounds_table
+from segrl.loop.run import score_signals
 from segrl.loop.select import round_budget, select_region_rows, select_whole_images
 
 
@@ -81,6 +83,43 @@ def test_budget_unit_clicks_is_for_points_only():
         load_config(overrides=["al.budget_unit=clicks", "al.budget_per_round=10"])
     with pytest.raises(ConfigError, match="al.acquisition"):
         load_config(overrides=["al.acquisition=entropyy"])
+
+
+def scores_file(tmp_path, values: list[float], points: list[list[float]]) -> pa.parquet.ParquetFile:
+    """A scores.parquet as scoring writes it (pool columns, entropy, embeddings), 2 rows a group."""
+    table = pool(len(values)).append_column("entropy_mean", pa.array(values))
+    flat = pa.array(np.asarray(points, dtype=np.float32).reshape(-1))
+    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, len(points[0])))
+    pa.parquet.write_table(table, tmp_path / "scores.parquet", row_group_size=2)
+    return pa.parquet.ParquetFile(tmp_path / "scores.parquet")
+
+
+def test_spread_selection_passes_over_neighbouring_frames_and_charges_what_is_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(select, "BATCH_ROWS", 2)  # the shortlist is streamed over several batches
+    # img0..img2: one stretch of video (the same features); img3, img4 elsewhere
+    source = scores_file(tmp_path, [0.9, 0.8, 0.7, 0.6, 0.5], [[1, 0], [1, 0], [1, 0], [0, 1], [-1, 0]])
+    top = select.select_image_step(ALConfig(acquisition="entropy"), source, {}, budget=200).to_pylist()
+    assert [r["id"] for r in top] == ["img0", "img1"]
+    al = ALConfig(acquisition="entropy", spread_candidates=2.5)
+    rows = select.select_image_step(al, source, {"img0": 40}, budget=160).to_pylist()
+    # img0 costs its 60 pixels left; the shortlist (2.5 x 160 = 400 pixels) is img0..img3 (360),
+    # and img3 is the farthest of them from img0
+    assert [(r["id"], r["cost_pixels"]) for r in rows] == [("img0", 60), ("img3", 100)]
+    assert [r["uri"] for r in rows] == ["/x/img0.png", "/x/img3.png"]
+
+
+def test_spread_selection_asks_for_embeddings_and_the_config_for_a_whole_image_acquisition(tmp_path):
+    pa.parquet.write_table(pool(2).append_column("entropy_mean", pa.array([0.5, 0.4])), tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="embedding"):
+        select.select_image_step(ALConfig(acquisition="entropy", spread_candidates=2),
+                                 pa.parquet.ParquetFile(tmp_path / "s.parquet"), {}, budget=100)
+    with pytest.raises(ConfigError, match="al.spread_candidates.*al.acquisition"):
+        load_config(overrides=["al.acquisition=random", "al.spread_candidates=2"])
+    with pytest.raises(ConfigError, match="al.spread_candidates"):
+        load_config(overrides=["al.acquisition=entropy", "al.spread_candidates=0.5"])
+    # and the loop's scoring writes the column the spread reads
+    assert score_signals(ALConfig(acquisition="entropy", spread_candidates=2)) == ("entropy", "embedding")
+    assert score_signals(ALConfig(acquisition="stability")) == ("stability",)
 
 
 def test_report_table_and_plot():

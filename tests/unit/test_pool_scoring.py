@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from _pools import png_bytes, write_checkpoints
 from PIL import Image
 
@@ -107,6 +108,19 @@ def test_scorer_single_checkpoint_is_perfectly_stable_and_rows_are_per_image(tmp
     assert np.all(out["stability"] == 1.0) and np.all(out["instability"] == 0.0)
     assert out["entropy_mean"].shape == (3,) and out["class_hist"].shape == (3, 10)
     assert (out["class_hist"].sum(1) == 32 * 40).all()
+
+
+def test_scorer_embeddings_are_the_final_models_mean_features_when_asked(tmp_path):
+    ckpts = write_checkpoints(tmp_path / "train", k=2, size=(32, 40))
+    scorer = PoolScorer(scorer_config(ckpts, signals="[entropy,embedding]"), inspect_checkpoints(str(ckpts)))
+    images = frames(3)
+    out = scorer.score(images, ["a", "b", "c"], np.array([[32, 40]] * 3))
+    _, features = scorer.models[-1](scorer.normalise(images), return_features=True)
+    expected = torch.nn.functional.normalize(features.mean(dim=(2, 3)), dim=1).detach().numpy()
+    assert out["embedding"].shape == (3, scorer.models[-1].feature_channels)
+    np.testing.assert_allclose(out["embedding"], expected, rtol=1e-5, atol=1e-6)
+    assert "embedding" not in PoolScorer(scorer_config(ckpts), inspect_checkpoints(str(ckpts))).score(
+        images, ["a", "b", "c"], np.array([[32, 40]] * 3))
 
 
 def test_scorer_identical_checkpoints_are_stable_and_different_ones_are_not(tmp_path):
