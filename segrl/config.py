@@ -310,8 +310,8 @@ class ALConfig:
     class_balance: bool = False  # image selection interleaved over rarest predicted classes
     # entropy / stability images: 0 takes the top-scored images (top-K); m >= 1 spreads the
     # picks over the best-scored images worth m x the round's budget, each the farthest in the
-    # model's feature space from those picked before (k-center greedy), so that one round does
-    # not go to a run of neighbouring video frames. Scoring then writes D floats per frame.
+    # model's feature space from the images labeled and picked before (k-center greedy), so that
+    # a round does not go to a run of neighbouring video frames. Scoring then writes D floats a frame.
     spread_candidates: float = 0.0
     labeling: str = "oracle"  # oracle (ground truth of the pool) | external (manifest + import)
     # from_scratch: each round trains from model.weights with a whole schedule (the usual AL

@@ -229,17 +229,19 @@ def spread_images(
     pixels_per_image: int | np.ndarray,
     budget_pixels: int,
     candidates_factor: float,
+    labeled: np.ndarray | None = None,
 ) -> list:
-    """Uncertain images that are not near copies of each other: k-center greedy over the
-    best-scored images.
+    """Uncertain images that are not near copies of each other or of what is labeled:
+    k-center greedy over the best-scored images.
 
     Top-K by score alone spends a round on runs of neighbouring video frames, each as
     uncertain as the next and all teaching the same thing. The candidates are the best
-    images (score first, ties by id) worth ``candidates_factor`` x ``budget_pixels``; the
-    first pick is the best of them, every later pick the candidate farthest (Euclidean,
-    in ``embeddings`` N x D) from all picks so far (ties: the better scored), among those
-    whose cost still fits (Sener & Savarese's core-set rule, on an uncertainty shortlist).
-    ``candidates_factor`` 1 is plain top-K. Returns the chosen ids in pick order.
+    images (score first, ties by id) worth ``candidates_factor`` x ``budget_pixels``; each
+    pick is the candidate farthest (Euclidean, in ``embeddings`` N x D) from the images
+    already labeled (``labeled`` M x D) and all picks so far, among those whose cost still
+    fits; ties, and the first pick when nothing is labeled, go to the better scored
+    (Sener & Savarese's core-set rule, on an uncertainty shortlist). ``candidates_factor``
+    1 is plain top-K. Returns the chosen ids in pick order.
     """
     ids = np.asarray(ids)
     scores = _check_scores(scores)
@@ -257,8 +259,10 @@ def spread_images(
                                             side="right"))]
     remaining = int(budget_pixels)
     open_ = np.ones(shortlist.size, dtype=bool)
-    nearest = np.full(shortlist.size, np.inf)  # distance of each candidate to the nearest pick
     points = embeddings[shortlist]
+    nearest = np.full(shortlist.size, np.inf)  # distance of each candidate to the nearest center
+    for center in np.asarray(labeled if labeled is not None else np.empty((0, 1)), dtype=np.float64):
+        nearest = np.minimum(nearest, np.linalg.norm(points - center, axis=1))
     picks: list[int] = []
     while True:
         fits = open_ & (costs[shortlist] <= remaining)

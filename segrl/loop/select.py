@@ -374,21 +374,38 @@ def select_spread_images(al: ALConfig, scores: pq.ParquetFile, labeled_pixels: L
                          budget: int) -> pa.Table:
     """Entropy / instability images spread in feature space (``al.spread_candidates``):
     the shortlist is the top images worth that many budgets, read as :func:`select_top_images`
-    reads them; only its rows' embeddings are read, and
-    :func:`segrl.acquisition.spread_images` chooses among them."""
+    reads them; only its rows' embeddings and those of the images asked for before are
+    read, and :func:`segrl.acquisition.spread_images` chooses among them."""
     if "embedding" not in scores.schema_arrow.names:
         raise ValueError("al.spread_candidates needs the scores' embedding column: score the pool "
                          "with 'embedding' among its signals")
     rows, costs = top_image_rows(al, scores, labeled_pixels, int(al.spread_candidates * budget))
     shortlist = take_rows(scores, rows, ["id", IMAGE_SIGNAL[al.acquisition], "embedding"])
     ranks = id_ranks(shortlist.column("id"))
-    embeddings = shortlist.column("embedding").combine_chunks()
-    width = embeddings.type.list_size
-    points = pc.list_flatten(embeddings).to_numpy().reshape(len(embeddings), width)
     signal = shortlist.column(IMAGE_SIGNAL[al.acquisition]).to_numpy().astype(np.float64)
-    picked = spread_images(ranks, signal, points, costs, budget, al.spread_candidates)
+    picked = spread_images(ranks, signal, embedding_matrix(shortlist.column("embedding")), costs, budget,
+                           al.spread_candidates, labeled=labeled_embeddings(scores, labeled_pixels))
     chosen = chosen_positions(ranks, picked)
     return image_selection(take_rows(scores, rows[chosen], ["id", "image_uri", "height", "width"]), costs[chosen])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list ``embedding`` column as an N x D float array."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return pc.list_flatten(column).to_numpy().reshape(len(column), column.type.list_size)
+
+
+def labeled_embeddings(scores: pq.ParquetFile, labeled_pixels: LabeledPixels) -> np.ndarray:
+    """M x D embeddings of the scored images with pixels asked for before, one batch read
+    at a time (the asked images are a small share of a pool)."""
+    parts = []
+    for batch in scores.iter_batches(batch_size=BATCH_ROWS, columns=["id", "embedding"]):
+        table = pa.Table.from_batches([batch])
+        rows, counts = labeled_rows(table.column("id"), labeled_pixels)
+        if rows.size:
+            parts.append(embedding_matrix(table.column("embedding").take(pa.array(rows[counts > 0]))))
+    width = scores.schema_arrow.field("embedding").type.list_size
+    return np.concatenate(parts) if parts else np.empty((0, width))
 
 
 def _image_batches(scores: pq.ParquetFile, signal: str, labeled_pixels: LabeledPixels):

@@ -340,6 +340,11 @@ def test_spread_images_skips_near_copies_of_a_pick_for_the_farthest_uncertain_im
     assert spread_images(ids, scores, points, 1, 2, candidates_factor=1) == ["a", "b"]
     # costs: c (3) no longer fits after a (1) in a budget of 3, so d does
     assert spread_images(ids, scores, points, np.array([1, 1, 3, 1, 1]), 3, candidates_factor=2) == ["a", "d", "b"]
+    # what is labeled already is a center too: with c's copy labeled, d comes after a, not c;
+    # with a's copy labeled, the first pick is c, not the best-scored a
+    labeled = np.array([[0.0, 0.99]])
+    assert spread_images(ids, scores, points, 1, 2, candidates_factor=2, labeled=labeled) == ["a", "d"]
+    assert spread_images(ids, scores, points, 1, 1, candidates_factor=4, labeled=np.array([[1.0, 0.0]])) == ["c"]
 
 
 def test_spread_images_refuses_what_it_cannot_rank():

@@ -102,10 +102,10 @@ def test_spread_selection_passes_over_neighbouring_frames_and_charges_what_is_le
     assert [r["id"] for r in top] == ["img0", "img1"]
     al = ALConfig(acquisition="entropy", spread_candidates=2.5)
     rows = select.select_image_step(al, source, {"img0": 40}, budget=160).to_pylist()
-    # img0 costs its 60 pixels left; the shortlist (2.5 x 160 = 400 pixels) is img0..img3 (360),
-    # and img3 is the farthest of them from img0
-    assert [(r["id"], r["cost_pixels"]) for r in rows] == [("img0", 60), ("img3", 100)]
-    assert [r["uri"] for r in rows] == ["/x/img0.png", "/x/img3.png"]
+    # the shortlist (2.5 x 160 = 400 pixels) is img0..img3 (360: img0 costs its 60 pixels left);
+    # img3 is the farthest from img0, asked for before; then only img0 still fits
+    assert [(r["id"], r["cost_pixels"]) for r in rows] == [("img3", 100), ("img0", 60)]
+    assert [r["uri"] for r in rows] == ["/x/img3.png", "/x/img0.png"]
 
 
 def test_spread_selection_asks_for_embeddings_and_the_config_for_a_whole_image_acquisition(tmp_path):
