@@ -312,12 +312,16 @@ RANDOM_METHODS = ("random_points", "random_images")
 
 
 def _per_seed_gaps(active: list[dict], baseline: list[dict]) -> str:
-    """'; ahead on k of n seeds (+a / +b ...)' for two or more paired seeds, else ''."""
+    """'; ahead on k of n seeds (+a / +b ...), paired gap mean ± std' for two or more paired
+    seeds, else ''. The paired spread is the seeds' spread of the gap itself: a seed's round 0
+    starts both rows, so much of what varies between seeds varies in both."""
     base = {e["seed"]: e["miou"] for e in baseline}
     gaps = [100 * (e["miou"] - base[e["seed"]]) for e in sorted(active, key=lambda e: e["seed"])]
     if len(gaps) < 2:
         return ""
-    return f"; ahead on {sum(g > 0 for g in gaps)} of {len(gaps)} seeds ({' / '.join(f'{g:+.2f}' for g in gaps)})"
+    mean, std = mean_std(gaps)
+    return (f"; ahead on {sum(g > 0 for g in gaps)} of {len(gaps)} seeds ({' / '.join(f'{g:+.2f}' for g in gaps)}),"
+            f" paired gap {mean:+.2f} ± {std:.2f}")
 
 
 def _on_seeds(baseline: list[dict], active: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -279,7 +279,11 @@ def target_lines(results: dict) -> list[str]:
         spread = sum(statistics.stdev(v) for v in (ours, theirs)) if len(seeds) > 1 else 0.0
         need = max(target, spread)
         verdict = "MISSED" if gap <= need else ("met" if len(seeds) > 1 else "met on one seed, spread not known")
-        per_seed = " / ".join(f"{a - b:+.2f}" for a, b in zip(ours, theirs, strict=True))
+        gaps = [a - b for a, b in zip(ours, theirs, strict=True)]
+        per_seed = " / ".join(f"{g:+.2f}" for g in gaps)
+        # the seeds' spread of the gap itself: a seed's luck lifts or sinks both rows
+        if len(gaps) > 1:
+            per_seed += f"; paired gap {statistics.fmean(gaps):+.2f} ± {statistics.stdev(gaps):.2f}"
         lines.append(f"- {table}: {name} {statistics.fmean(ours):.2f} vs {baseline} {statistics.fmean(theirs):.2f} "
                      f"on seeds {', '.join(map(str, seeds))}: {gap:+.2f} mIoU, needed > {need:.2f}: {verdict} "
                      f"(per seed {per_seed})")

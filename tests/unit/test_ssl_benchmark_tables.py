@@ -25,7 +25,7 @@ def test_the_best_recipe_must_clear_the_target_and_the_seeds_spread(ssl):
     lines = ssl.target_lines(results)
     # st's one lucky seed does not outrank a mean over three; +4.00 clears max(3, 1.00 + 2.00)
     assert lines[0] == ("- semi: mean_teacher_classmix 46.00 vs supervised 42.00 on seeds 0, 1, 2: +4.00 mIoU, "
-                        "needed > 3.00: met (per seed +5.00 / +4.00 / +3.00)")
+                        "needed > 3.00: met (per seed +5.00 / +4.00 / +3.00; paired gap +4.00 ± 1.00)")
     # +5.00 clears the 4-point target, but the spreads (1.41 + 1.41) are below it: the target decides
     assert lines[1].startswith("- dusk: proda 14.00 vs source_only 9.00 on seeds 0, 1: +5.00 mIoU, needed > 4.00: met")
     assert lines[2] == "- dusk: st_pp vs st: not measured"
